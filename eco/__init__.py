@@ -1,0 +1,18 @@
+"""eco: training in FP8 and INT4 without full-precision master weights (ECO)."""
+
+import torch as _torch
+
+from .formats import FP8, INT4, QuantFormat
+from .memory import MemoryReport, memory_report
+from .optim import SGD, AdamW
+from .qparam import QuantizedTensor, _rebuild_quantized, quantize_, quantized_parameters
+
+__version__ = "0.1.0"
+
+# torch.load(weights_only=True), the default, accepts quantized weights.
+_torch.serialization.add_safe_globals([_rebuild_quantized])
+
+__all__ = [
+    "FP8", "INT4", "QuantFormat", "QuantizedTensor", "quantize_", "quantized_parameters",
+    "AdamW", "SGD", "memory_report", "MemoryReport",
+]

@@ -1,0 +1,273 @@
+"""Quantization formats: how a weight is stored as codes plus scales.
+
+A format is data, not a branch in every function. Every format here is
+symmetric with zero-point 0 and an absmax scale, applied to *groups* of
+consecutive elements:
+
+=====================  =====================  ===========================
+format                 group                  scale tensor shape
+=====================  =====================  ===========================
+``FP8()``              one row (last dim)     ``[*shape[:-1], 1]``
+``FP8(block_size=B)``  B elements of a row    ``[*shape[:-1], C // B]``
+``INT4()``             one matrix (last two)  ``[*shape[:-2], 1, 1]``
+``INT4(group_size=G)`` G elements of a row    ``[*shape[:-1], C // G]``
+=====================  =====================  ===========================
+
+Scales are fp32 and stay local to rows, groups or (for tensor-wise INT4) to
+one matrix of a stacked 3-D expert tensor, so a shard along dim 0 owns its
+scales. For a group with absmax ``a``::
+
+    scale = a / rho          inv_scale = rho / a          (fp32, IEEE division)
+    code  = round(clamp(x * inv_scale, -rho, rho))
+    deq   = code * scale
+
+Groups with ``a <= ZERO_GROUP_ABSMAX`` (all zeros, or values so tiny that
+``rho / a`` would overflow) store code 0 with scale 1.
+
+Codes: FP8 uses ``torch.float8_e4m3fn`` (rho = 448). INT4 uses integers in
+[-7, 7] (rho = 7) packed two per byte along the last dimension: element
+``2k`` in the low nibble, ``2k + 1`` in the high nibble, each stored as
+``code + 8``; an odd last dimension is padded with code 0.
+
+Rounding is ``"nearest"`` (ties to even) or ``"stochastic"`` (round up with
+probability equal to the distance from the lower grid point, so that the
+expectation of the stored value equals the input).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+ROUNDINGS = ("nearest", "stochastic")
+ZERO_GROUP_ABSMAX = 2.0**-100
+FP8_MAX = 448.0
+# E4M3: 3 mantissa bits; the smallest normal exponent is -6, so below 2**-6
+# the grid is uniform with spacing 2**-9 (the subnormals).
+FP8_MANTISSA_BITS = 3
+FP8_MIN_NORMAL_EXP = -6
+
+
+def check_rounding(rounding: str) -> str:
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+    return rounding
+
+
+@dataclass(frozen=True)
+class QuantFormat:
+    """Fields shared by every format; subclasses fix ``rho`` and the code layout."""
+
+    name = "base"
+    rho = 0.0
+    bits = 0
+
+    @property
+    def row_group(self) -> int | None:
+        """Elements per scale within a row, or None for one scale per row/matrix."""
+        raise NotImplementedError
+
+    @property
+    def tensorwise(self) -> bool:
+        """True when one scale covers a whole matrix (the last two dims)."""
+        return False
+
+    # ----------------------------------------------------------- shapes
+    def check_shape(self, shape: torch.Size | tuple[int, ...]) -> None:
+        """Raise a ValueError that says what to do if ``shape`` cannot use this format."""
+        if len(shape) < 2:
+            raise ValueError(
+                f"{self} quantizes matrices and stacked matrices (2-D or 3-D), got shape {tuple(shape)}; "
+                "leave 1-D tensors (biases, norms) unquantized"
+            )
+        cols = shape[-1]
+        gs = self.row_group
+        if gs is not None and cols % gs != 0:
+            raise ValueError(
+                f"{self}: the last dimension ({cols}) of a weight of shape {tuple(shape)} is not a "
+                f"multiple of the group size {gs}; choose a group size that divides it, or exclude "
+                "this weight with filter_fn"
+            )
+
+    def scale_shape(self, shape) -> tuple[int, ...]:
+        if self.tensorwise:
+            return (*shape[:-2], 1, 1)
+        gs = self.row_group
+        return (*shape[:-1], 1 if gs is None else shape[-1] // gs)
+
+    def grouped(self, x: torch.Tensor) -> torch.Tensor:
+        """View ``x`` as ``[n_groups, group_elems]`` in the order of the flattened scales."""
+        if self.tensorwise:
+            return x.reshape(-1, x.shape[-2] * x.shape[-1])
+        return x.reshape(-1, self.row_group or x.shape[-1])
+
+    def code_shape(self, shape) -> tuple[int, ...]:
+        return tuple(shape)
+
+    # ----------------------------------------------------------- quantize
+    def scales_for(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Absmax scale and its reciprocal per group of fp32 ``x``; both ``[n_groups, 1]``."""
+        absmax = self.grouped(x).abs().amax(dim=1, keepdim=True)
+        live = absmax > ZERO_GROUP_ABSMAX
+        safe = torch.where(live, absmax, torch.ones_like(absmax))
+        scale = torch.where(live, safe / self.rho, torch.ones_like(absmax))
+        inv_scale = torch.where(live, self.rho / safe, torch.zeros_like(absmax))
+        return scale, inv_scale
+
+    def quantize(
+        self, x: torch.Tensor, rounding: str = "nearest", generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Quantize a tensor; returns ``(codes, scales)``. ``x`` must be finite."""
+        check_rounding(rounding)
+        self.check_shape(x.shape)
+        x = x.float()
+        scale, inv_scale = self.scales_for(x)
+        y = (self.grouped(x) * inv_scale).clamp(-self.rho, self.rho)
+        if rounding == "nearest":
+            grid = self.round_nearest(y)
+        else:
+            grid = self.round_stochastic(y, generator)
+        codes = self.encode(grid.reshape(x.shape))
+        return codes, scale.reshape(self.scale_shape(x.shape))
+
+    def dequantize(self, codes: torch.Tensor, scales: torch.Tensor, shape, dtype=torch.float32) -> torch.Tensor:
+        """``code * scale`` in fp32, then cast to ``dtype``."""
+        grid = self.decode(codes, shape)
+        groups = self.grouped(grid) * scales.reshape(-1, 1)
+        return groups.reshape(shape).to(dtype)
+
+    # ----------------------------------------------------------- per format
+    def round_nearest(self, y: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def round_stochastic(self, y: torch.Tensor, generator) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def encode(self, grid: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def decode(self, codes: torch.Tensor, shape) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def config(self) -> dict:
+        """A plain dict that rebuilds this format with :func:`format_from_config`."""
+        return {"name": self.name, "group_size": self.row_group}
+
+
+def _uniform_like(y: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    return torch.rand(y.shape, generator=generator, device=y.device, dtype=torch.float32)
+
+
+@dataclass(frozen=True)
+class FP8(QuantFormat):
+    """FP8 E4M3 codes; one fp32 scale per row, or per ``block_size`` elements of a row."""
+
+    block_size: int | None = None
+    name = "fp8"
+    rho = FP8_MAX
+    bits = 8
+
+    def __post_init__(self):
+        if self.block_size is not None and (not isinstance(self.block_size, int) or self.block_size <= 0):
+            raise ValueError(f"FP8 block_size must be a positive int or None, got {self.block_size!r}")
+
+    @property
+    def row_group(self) -> int | None:
+        return self.block_size
+
+    def __str__(self):
+        return "FP8(row)" if self.block_size is None else f"FP8(block_size={self.block_size})"
+
+    def round_nearest(self, y):
+        return y.to(torch.float8_e4m3fn).float()
+
+    def round_stochastic(self, y, generator):
+        # The E4M3 grid spacing at |y|: 2**(e - 3) for |y| in [2**e, 2**(e+1)),
+        # e >= -6; uniform 2**-9 below 2**-6. All of these are exact in fp32.
+        mag = y.abs()
+        _, exp = torch.frexp(mag)  # mag = mant * 2**exp, mant in [0.5, 1)
+        binade = torch.clamp(exp - 1, min=FP8_MIN_NORMAL_EXP)
+        ulp = torch.ldexp(torch.ones_like(mag), binade - FP8_MANTISSA_BITS)
+        lower = torch.floor(mag / ulp) * ulp
+        frac = (mag - lower) / ulp
+        up = _uniform_like(y, generator) < frac
+        out = torch.where(up, lower + ulp, lower).clamp(max=FP8_MAX)
+        return torch.copysign(out, y)
+
+    def encode(self, grid):
+        return grid.to(torch.float8_e4m3fn)
+
+    def decode(self, codes, shape):
+        return codes.float().reshape(shape)
+
+
+@dataclass(frozen=True)
+class INT4(QuantFormat):
+    """Symmetric INT4 codes in [-7, 7], two per byte; one scale per matrix or per group."""
+
+    group_size: int | None = None
+    name = "int4"
+    rho = 7.0
+    bits = 4
+
+    def __post_init__(self):
+        gs = self.group_size
+        if gs is not None and (not isinstance(gs, int) or gs <= 0 or gs % 2):
+            raise ValueError(f"INT4 group_size must be a positive even int or None, got {gs!r}")
+
+    @property
+    def row_group(self) -> int | None:
+        return self.group_size
+
+    @property
+    def tensorwise(self) -> bool:
+        return self.group_size is None
+
+    def __str__(self):
+        return "INT4(tensor)" if self.group_size is None else f"INT4(group_size={self.group_size})"
+
+    def round_nearest(self, y):
+        return torch.round(y)
+
+    def round_stochastic(self, y, generator):
+        lower = torch.floor(y)
+        up = _uniform_like(y, generator) < (y - lower)
+        return torch.where(up, lower + 1, lower).clamp(-self.rho, self.rho)
+
+    def code_shape(self, shape):
+        return (*shape[:-1], (shape[-1] + 1) // 2)
+
+    def encode(self, grid):
+        return pack_int4(grid.to(torch.int8))
+
+    def decode(self, codes, shape):
+        return unpack_int4(codes, shape[-1]).float()
+
+
+def pack_int4(values: torch.Tensor) -> torch.Tensor:
+    """Pack int8 values in [-8, 7] two per byte along the last dim (see module docstring)."""
+    if values.shape[-1] % 2:
+        values = torch.nn.functional.pad(values, (0, 1))
+    nibbles = (values.to(torch.int16) + 8).to(torch.uint8)
+    return nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor, cols: int) -> torch.Tensor:
+    """Inverse of :func:`pack_int4`; returns int8 with last dim ``cols``."""
+    low = (packed & 0xF).to(torch.int8) - 8
+    high = (packed >> 4).to(torch.int8) - 8
+    both = torch.stack((low, high), dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+    return both[..., :cols]
+
+
+def format_from_config(config: dict) -> QuantFormat:
+    name = config.get("name")
+    if name == "fp8":
+        return FP8(block_size=config.get("group_size"))
+    if name == "int4":
+        return INT4(group_size=config.get("group_size"))
+    raise ValueError(f"unknown quantization format config {config!r}")
+
+
+__all__ = ["FP8", "INT4", "QuantFormat", "format_from_config", "pack_int4", "unpack_int4", "ROUNDINGS"]

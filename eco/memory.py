@@ -1,0 +1,97 @@
+"""Bytes-per-parameter accounting from the tensors that actually exist.
+
+Nothing here is a formula of what should exist: every figure is the byte size
+of a live tensor (``numel * element_size``), each storage counted once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from .qparam import QuantizedTensor
+
+# Row order of the printed table.
+KINDS = (
+    "weight codes", "weight scales", "unquantized params", "master weights",
+    "momentum (m)", "second moment (v)", "other optimizer state",
+)
+_STATE_KIND = {
+    "exp_avg": "momentum (m)", "momentum_buffer": "momentum (m)", "exp_avg_sq": "second moment (v)",
+    "master": "master weights",
+}
+
+
+@dataclass
+class MemoryReport:
+    """Static memory of a model and its optimizer, by kind; gradients are listed apart."""
+
+    num_params: int
+    bytes_by_kind: dict[str, int] = field(default_factory=dict)
+    gradient_bytes: int = 0
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.bytes_by_kind.values())
+
+    @property
+    def bytes_per_param(self) -> float:
+        return self.total_bytes / max(self.num_params, 1)
+
+    def per_param(self, kind: str) -> float:
+        return self.bytes_by_kind.get(kind, 0) / max(self.num_params, 1)
+
+    def as_dict(self) -> dict:
+        return {
+            "num_params": self.num_params, "total_bytes": self.total_bytes,
+            "bytes_per_param": self.bytes_per_param, "bytes_by_kind": dict(self.bytes_by_kind),
+            "gradient_bytes": self.gradient_bytes,
+        }
+
+    def __str__(self) -> str:
+        lines = [f"{'kind':<24}{'MiB':>12}{'bytes/param':>14}"]
+        for kind in KINDS:
+            if kind in self.bytes_by_kind:
+                b = self.bytes_by_kind[kind]
+                lines.append(f"{kind:<24}{b / 2**20:>12.3f}{b / max(self.num_params, 1):>14.3f}")
+        lines.append(f"{'total (static)':<24}{self.total_bytes / 2**20:>12.3f}{self.bytes_per_param:>14.3f}")
+        lines.append(f"{'gradients (transient)':<24}{self.gradient_bytes / 2**20:>12.3f}"
+                     f"{self.gradient_bytes / max(self.num_params, 1):>14.3f}")
+        lines.append(f"parameters: {self.num_params:,}")
+        return "\n".join(lines)
+
+
+def _storage_key(t: torch.Tensor):
+    return (t.device, t.untyped_storage().data_ptr())
+
+
+def memory_report(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> MemoryReport:
+    """Count the bytes of weights (codes, scales, unquantized params) and optimizer state."""
+    seen: set = set()
+    report = MemoryReport(num_params=0)
+
+    def add(kind: str, t: torch.Tensor) -> None:
+        key = _storage_key(t)
+        if key in seen:
+            return
+        seen.add(key)
+        report.bytes_by_kind[kind] = report.bytes_by_kind.get(kind, 0) + t.untyped_storage().nbytes()
+
+    params = list(dict.fromkeys(model.parameters()))
+    for p in params:
+        report.num_params += p.numel()
+        if isinstance(p, QuantizedTensor):
+            add("weight codes", p.codes)
+            add("weight scales", p.scales)
+        else:
+            add("unquantized params", p)
+        if p.grad is not None:
+            report.gradient_bytes += p.grad.numel() * p.grad.element_size()
+    if optimizer is not None:
+        for state in optimizer.state.values():
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and value.numel() > 1:
+                    add(_STATE_KIND.get(key, "other optimizer state"), value)
+    return report

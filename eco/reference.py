@@ -1,0 +1,189 @@
+"""The ECO update in plain torch: the single source of truth.
+
+Every function here is a pure function of tensors and host scalars that
+updates its tensors in place, exactly as a fused kernel does. The Triton
+kernels in ``eco.kernels`` have the same signatures and are tested against
+these (codes bit-identical under round-to-nearest).
+
+Arithmetic is fp32 with every host scalar rounded to fp32 once (the
+``*Scalars`` tuples below). Each line is one rounding, in the order written,
+with no fused multiply-add: a kernel that wants bit-identical codes must
+evaluate the same expressions in the same order.
+
+ECO-AdamW for a quantized weight ``w`` (eco-method.md, Algorithm 3)::
+
+    m~  = b1 * m + (1 - b1) * g
+    v'  = b2 * v + (1 - b2) * (g * g)
+    d   = sqrt(v' * inv_bc2) + eps                    # inv_bc2 = 1 / (1 - b2**t)
+    w~  = deq(w) * decay - step_size * (m~ / d)       # decay = 1 - lr*wd, step_size = lr / bc1
+    w'  = q(w~)                                       # new codes and scales
+    e   = w~ - deq(w')
+    m'  = m~ + (inject * d) * e                       # inject = (bc1 / lr) * (1 - 1/b1)
+
+With ``master`` (an fp32 copy) the base is ``master`` instead of ``deq(w)``,
+``master`` becomes ``w~`` and nothing is injected. With
+``error_feedback=False`` (naive removal) nothing is injected either.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from .formats import QuantFormat
+
+
+class AdamWScalars(NamedTuple):
+    """Host-side coefficients of one AdamW step, each used as an fp32 value."""
+
+    beta1: float
+    one_minus_beta1: float
+    beta2: float
+    one_minus_beta2: float
+    inv_bc2: float
+    eps: float
+    decay: float
+    step_size: float
+    inject: float  # 0.0 when nothing is injected
+
+
+class SGDScalars(NamedTuple):
+    """Host-side coefficients of one SGD-momentum step."""
+
+    beta: float
+    one_minus_beta: float
+    weight_decay: float
+    lr: float
+    inject: float  # alpha = (1/lr) * (1 - 1/beta); 0.0 when nothing is injected
+
+
+def adamw_scalars(
+    *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, step: int,
+    inject: bool = True, decay_corrected_injection: bool = False,
+) -> AdamWScalars:
+    """Coefficients for step ``step`` (>= 1). ``lr == 0`` gives ``inject == 0``."""
+    bc1 = 1.0 - beta1**step
+    bc2 = 1.0 - beta2**step
+    decay = 1.0 - lr * weight_decay
+    coef = 0.0
+    if inject and lr != 0.0:
+        coef = (bc1 / lr) * (1.0 - 1.0 / beta1)
+        if decay_corrected_injection:
+            coef *= decay
+    return AdamWScalars(
+        beta1=beta1, one_minus_beta1=1.0 - beta1, beta2=beta2, one_minus_beta2=1.0 - beta2,
+        inv_bc2=1.0 / bc2, eps=eps, decay=decay, step_size=lr / bc1, inject=coef,
+    )
+
+
+def sgd_scalars(*, lr: float, momentum: float, weight_decay: float, inject: bool = True) -> SGDScalars:
+    coef = (1.0 / lr) * (1.0 - 1.0 / momentum) if (inject and lr != 0.0) else 0.0
+    return SGDScalars(beta=momentum, one_minus_beta=1.0 - momentum, weight_decay=weight_decay, lr=lr, inject=coef)
+
+
+def _f32(x: float) -> torch.Tensor:
+    """A host scalar as an fp32 0-d tensor: exactly the value a kernel receives."""
+    return torch.tensor(x, dtype=torch.float32)
+
+
+def _generator(seed: int | None, device: torch.device) -> torch.Generator | None:
+    if seed is None:
+        return None
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def _adam_moments(g, m, v, s: AdamWScalars):
+    m_new = _f32(s.beta1) * m + _f32(s.one_minus_beta1) * g
+    v_new = _f32(s.beta2) * v + _f32(s.one_minus_beta2) * (g * g)
+    d = torch.sqrt(v_new * _f32(s.inv_bc2)) + _f32(s.eps)
+    return m_new, v_new, d
+
+
+def _requantize_and_inject(codes, scales, w_tilde, m_tilde, d, inject, *, fmt, shape, rounding, seed):
+    """Store ``q(w~)`` and return ``m~ + (inject * d) * e`` (``d`` is 1 for SGD)."""
+    new_codes, new_scales = fmt.quantize(w_tilde, rounding, _generator(seed, w_tilde.device))
+    codes.copy_(new_codes)
+    scales.copy_(new_scales)
+    if inject == 0.0:
+        return m_tilde
+    error = w_tilde - fmt.dequantize(codes, scales, shape)
+    return m_tilde + (_f32(inject) * d) * error
+
+
+@torch.no_grad()
+def adamw_step_(
+    codes: torch.Tensor, scales: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor, master: torch.Tensor | None, *, fmt: QuantFormat, shape: torch.Size,
+    scalars: AdamWScalars, rounding: str, seed: int | None, update_weight: bool = True,
+) -> None:
+    """One ECO-AdamW step for one quantized weight, in place.
+
+    ``update_weight=False`` (used when ``lr == 0``) updates the moments only:
+    nothing moves, nothing is re-quantized, nothing is injected.
+    """
+    g = grad.float().reshape(shape)
+    m_tilde, v_new, d = _adam_moments(g, exp_avg.float(), exp_avg_sq.float(), scalars)
+    m_new = m_tilde
+    if update_weight:
+        base = master if master is not None else fmt.dequantize(codes, scales, shape)
+        w_tilde = base * _f32(scalars.decay) - _f32(scalars.step_size) * (m_tilde / d)
+        if master is not None:
+            master.copy_(w_tilde)
+        inject = 0.0 if master is not None else scalars.inject
+        m_new = _requantize_and_inject(
+            codes, scales, w_tilde, m_tilde, d, inject, fmt=fmt, shape=shape, rounding=rounding, seed=seed
+        )
+    exp_avg.copy_(m_new)
+    exp_avg_sq.copy_(v_new)
+
+
+@torch.no_grad()
+def sgd_step_(
+    codes: torch.Tensor, scales: torch.Tensor, grad: torch.Tensor, momentum_buf: torch.Tensor,
+    master: torch.Tensor | None, *, fmt: QuantFormat, shape: torch.Size, scalars: SGDScalars,
+    rounding: str, seed: int | None, update_weight: bool = True,
+) -> None:
+    """One ECO-SGDM step for one quantized weight, in place (eco-method.md eqs. 2-6).
+
+    ``m~ = beta*m + (1-beta)*(g + wd*w)``, ``w~ = w - lr*m~``, ``w' = q(w~)``,
+    ``m' = m~ + alpha*(w~ - deq(w'))`` with ``alpha = (1/lr)(1 - 1/beta)``.
+    """
+    base = master if master is not None else fmt.dequantize(codes, scales, shape)
+    g = grad.float().reshape(shape)
+    if scalars.weight_decay != 0.0:
+        g = g + _f32(scalars.weight_decay) * base
+    m_tilde = _f32(scalars.beta) * momentum_buf.float() + _f32(scalars.one_minus_beta) * g
+    m_new = m_tilde
+    if update_weight:
+        w_tilde = base - _f32(scalars.lr) * m_tilde
+        if master is not None:
+            master.copy_(w_tilde)
+        inject = 0.0 if master is not None else scalars.inject
+        m_new = _requantize_and_inject(
+            codes, scales, w_tilde, m_tilde, torch.ones((), dtype=torch.float32, device=g.device), inject,
+            fmt=fmt, shape=shape, rounding=rounding, seed=seed,
+        )
+    momentum_buf.copy_(m_new)
+
+
+@torch.no_grad()
+def plain_adamw_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+                      *, scalars: AdamWScalars) -> None:
+    """Ordinary AdamW (decoupled weight decay) for an unquantized parameter, in place."""
+    m_new, v_new, d = _adam_moments(grad.float(), exp_avg.float(), exp_avg_sq.float(), scalars)
+    p = param.float() * _f32(scalars.decay) - _f32(scalars.step_size) * (m_new / d)
+    param.copy_(p)
+    exp_avg.copy_(m_new)
+    exp_avg_sq.copy_(v_new)
+
+
+@torch.no_grad()
+def plain_sgd_step_(param: torch.Tensor, grad: torch.Tensor, momentum_buf: torch.Tensor, *, scalars: SGDScalars) -> None:
+    """SGD with EMA momentum (torch SGD with ``dampening=momentum``) for an unquantized parameter."""
+    g = grad.float()
+    if scalars.weight_decay != 0.0:
+        g = g + _f32(scalars.weight_decay) * param.float()
+    m_new = _f32(scalars.beta) * momentum_buf.float() + _f32(scalars.one_minus_beta) * g
+    param.copy_(param.float() - _f32(scalars.lr) * m_new)
+    momentum_buf.copy_(m_new)
