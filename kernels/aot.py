@@ -1,0 +1,532 @@
+"""Ahead-of-time compilation for real GPU targets, without a GPU.
+
+The Triton CPU interpreter runs a kernel's semantics in numpy and never
+compiles it, so faults that only show on a real target stay hidden there:
+types a backend rejects, register spills, scalar instead of vector memory
+access, a kernel that is instruction-bound. Triton compiles for a GPU target
+without a GPU, with the ``ptxas``, ``cuobjdump`` and ``nvdisasm`` that ship in
+its wheel (``triton/backends/nvidia/bin``); this module does that and reads
+the results:
+
+- ``ptxas -v`` (Triton's own invocation, its log captured): spill stores and
+  loads, stack frame;
+- ``cuobjdump -res-usage``: registers, stack, shared and local memory;
+- ``nvdisasm``: the SASS, counted per element (see :func:`count_sass`);
+- the PTX: the width of every global load and store, traced back to the
+  pointer argument it addresses (see :func:`global_accesses_by_argument`).
+
+Under ``TRITON_INTERPRET=1`` (how the tests run), ``@triton.jit`` returns an
+interpreter object that cannot be compiled, so :func:`compile_builds` then runs
+the compilation in a child process without that variable. Kernels are named as
+``"module:function"`` plus the file that defines them, so the child can import
+them (test kernels included).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib
+import importlib.util
+import inspect
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# The targets the kernels must compile for: A100, H100, B200.
+TARGETS = {"sm_80": 80, "sm_90": 90, "sm_100": 100}
+
+# Per-SM limits used for the occupancy estimate (CUDA occupancy tables).
+_SM_LIMITS = {
+    80: {"regs": 65536, "warps": 64, "blocks": 32, "shared": 167936},
+    90: {"regs": 65536, "warps": 64, "blocks": 32, "shared": 232448},
+    100: {"regs": 65536, "warps": 64, "blocks": 32, "shared": 232448},
+}
+
+
+@dataclass(frozen=True)
+class KernelBuild:
+    """One kernel specialization to compile: what Triton needs, nothing else.
+
+    ``kernel`` is ``"module:function"`` and ``path`` the file defining it (the
+    child process imports it from there). ``signature`` maps every argument
+    name, in order, to a Triton type (``"*fp32"``, ``"i32"``, ``"fp32"``,
+    ``"constexpr"``); ``constexprs`` gives the constexpr values; ``aligned``
+    names the arguments promised 16-byte divisible (pointers: 16-byte aligned;
+    integers: multiples of 16), which is what lets Triton emit 128-bit accesses.
+    """
+
+    kernel: str
+    path: str
+    signature: dict
+    constexprs: dict = field(default_factory=dict)
+    aligned: tuple = ()
+    num_warps: int = 4
+    num_stages: int = 3
+
+    @classmethod
+    def of(cls, fn, signature, constexprs=None, aligned=(), num_warps=4, num_stages=3) -> KernelBuild:
+        """Describe a ``@triton.jit`` function (compiled or interpreted) for compilation."""
+        py = getattr(fn, "fn", fn)
+        return cls(
+            kernel=f"{py.__module__}:{py.__name__}",
+            path=str(Path(inspect.getfile(py)).resolve()),
+            signature=dict(signature),
+            constexprs=dict(constexprs or {}),
+            aligned=tuple(aligned),
+            num_warps=num_warps,
+            num_stages=num_stages,
+        )
+
+
+@dataclass
+class Access:
+    """Global loads or stores of one width through one pointer argument (from the PTX)."""
+
+    kind: str  # "load" or "store"
+    bits: int  # bits per instruction: 128 for ld.global.v4.b32
+    count: int  # how many such instructions
+
+
+@dataclass
+class CompiledKernel:
+    """What the compiler produced for one build and target, read from its artifacts."""
+
+    kernel: str
+    target: str
+    num_warps: int
+    registers: int
+    stack_bytes: int
+    local_bytes: int
+    shared_bytes: int
+    spill_store_bytes: int
+    spill_load_bytes: int
+    sass_total: int  # static SASS instructions, NOPs and the trailing trap branch excluded
+    sass_in_loops: int  # of which inside a loop body (a backward branch's range)
+    loops: int
+    sass_ops: dict  # opcode (without modifiers) -> static count
+    accesses: dict  # argument name -> list of Access
+    occupancy_warps: int  # resident warps per SM this kernel allows (of 64)
+    error: str | None = None
+
+    @property
+    def spill_bytes(self) -> int:
+        return self.spill_store_bytes + self.spill_load_bytes
+
+    def access_bits(self, arg: str, kind: str | None = None) -> set[int]:
+        """The widths of the global accesses through ``arg`` (optionally only loads or stores)."""
+        return {a.bits for a in self.accesses.get(arg, []) if kind is None or a.kind == kind}
+
+    def sass_per_element(self, elements_per_thread: float, elements_per_thread_per_iteration: float | None = None):
+        """SASS instructions one thread executes per element it handles.
+
+        Straight-line code runs once per program, so it is divided by the
+        elements a thread handles in the whole program. A loop body runs once
+        per iteration, so it is divided by the elements a thread handles per
+        iteration; every loop is assumed to walk the element stream (as the
+        row kernels' column loops do). Every instruction is counted as executed,
+        predicated-off or not: an upper bound.
+        """
+        straight = self.sass_total - self.sass_in_loops
+        per_element = straight / elements_per_thread
+        if self.sass_in_loops:
+            if not elements_per_thread_per_iteration:
+                raise ValueError(f"{self.kernel} has loops: give the elements a thread handles per iteration")
+            per_element += self.sass_in_loops / elements_per_thread_per_iteration
+        return per_element
+
+    def to_json(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["accesses"] = {k: [dataclasses.asdict(a) for a in v] for k, v in self.accesses.items()}
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict) -> CompiledKernel:
+        data = dict(data)
+        data["accesses"] = {k: [Access(**a) for a in v] for k, v in data["accesses"].items()}
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class Machine:
+    """A GPU for the roofline estimate: HBM bandwidth and SASS issue rate."""
+
+    name: str
+    hbm_bytes_per_s: float
+    sms: int
+    clock_hz: float
+    warp_instructions_per_clock_per_sm: int = 4
+
+    @property
+    def thread_instructions_per_s(self) -> float:
+        return self.sms * self.clock_hz * self.warp_instructions_per_clock_per_sm * 32
+
+    @property
+    def instructions_per_byte(self) -> float:
+        """The balance point: thread instructions the SMs issue while HBM moves one byte."""
+        return self.thread_instructions_per_s / self.hbm_bytes_per_s
+
+    def roofline(self, bytes_per_element: float, sass_per_element: float | None) -> dict:
+        """Elements per second and the bound, for a kernel streaming its elements through HBM.
+
+        ``time_mem = bytes / bandwidth`` and ``time_instr = instructions /
+        issue rate`` per element; the larger one bounds. ``sass_per_element``
+        None (a kernel whose SASS is not counted here) gives the memory bound.
+        """
+        time_memory = bytes_per_element / self.hbm_bytes_per_s
+        time_instructions = (sass_per_element or 0.0) / self.thread_instructions_per_s
+        bound = "instruction" if time_instructions > time_memory else "memory"
+        return {
+            "params_per_s": 1.0 / max(time_memory, time_instructions),
+            "bound": bound,
+            "instructions_per_byte": None if sass_per_element is None else sass_per_element / bytes_per_element,
+        }
+
+
+# H100 SXM5: 3.35 TB/s HBM3, 132 SMs at 1.98 GHz boost, 4 warp schedulers per SM
+# each issuing one warp instruction per clock.
+H100_SXM = Machine("H100 SXM", hbm_bytes_per_s=3.35e12, sms=132, clock_hz=1.98e9)
+
+
+class CompileError(RuntimeError):
+    """A build that does not compile for a target; the message carries the compiler's."""
+
+
+# --------------------------------------------------------------------------- tools
+def tool_path(name: str) -> str:
+    """Path of a CUDA tool shipped in the triton wheel (``cuobjdump``, ``nvdisasm``, ``ptxas``)."""
+    import triton
+
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: install a triton wheel that ships the NVIDIA tools")
+    return str(path)
+
+
+def _run_tool(name: str, args: list[str], cubin: bytes) -> str:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        proc = subprocess.run([tool_path(name), *args, f.name], capture_output=True, text=True)
+    if proc.returncode:
+        raise CompileError(f"{name} failed: {proc.stderr.strip()}")
+    return proc.stdout
+
+
+# --------------------------------------------------------------------------- parsers
+_RES_RE = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
+_PTXAS_RE = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def parse_res_usage(text: str) -> dict:
+    """Registers, stack, shared and local bytes of the (single) function in ``cuobjdump -res-usage``."""
+    match = _RES_RE.search(text)
+    if not match:
+        raise CompileError(f"no resource usage line in cuobjdump output:\n{text}")
+    reg, stack, shared, local = map(int, match.groups())
+    return {"registers": reg, "stack_bytes": stack, "shared_bytes": shared, "local_bytes": local}
+
+
+def parse_ptxas_log(text: str) -> tuple[int, int] | None:
+    """``(spill store bytes, spill load bytes)`` from a ``ptxas -v`` log, or None if absent."""
+    match = _PTXAS_RE.search(text)
+    return None if match is None else (int(match.group(2)), int(match.group(3)))
+
+
+_SASS_RE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+_LABEL_RE = re.compile(r"^\s*(\.L_\w+):")
+_BRANCH_TARGET_RE = re.compile(r"`\((\.L_\w+)\)")
+
+
+def parse_sass(text: str) -> list[tuple[int, str, str | None]]:
+    """``(address, instruction, branch target label)`` for each SASS instruction, plus label addresses.
+
+    Returns the instructions; label addresses are resolved into the third
+    field as the integer address of the branch target (or None).
+    """
+    instructions = []
+    labels = {}
+    pending = []
+    for line in text.splitlines():
+        label = _LABEL_RE.match(line)
+        if label:
+            pending.append(label.group(1))
+            continue
+        match = _SASS_RE.search(line)
+        if not match:
+            continue
+        addr = int(match.group(1), 16)
+        for name in pending:
+            labels[name] = addr
+        pending = []
+        target = _BRANCH_TARGET_RE.search(match.group(2))
+        instructions.append((addr, match.group(2), target.group(1) if target else None))
+    return [(addr, ins, labels.get(tgt) if tgt else None) for addr, ins, tgt in instructions]
+
+
+def _opcode(instruction: str) -> str:
+    words = instruction.split()
+    if words and words[0].startswith("@"):
+        words = words[1:]
+    return words[0].split(".")[0] if words else ""
+
+
+def count_sass(text: str) -> dict:
+    """Static SASS counts of ``nvdisasm`` output: total, inside loops, loops, per opcode.
+
+    NOPs (alignment padding) and the ``BRA`` to itself that ends every kernel
+    (a trap, never reached) are not counted. A loop is a backward branch: the
+    instructions from its target to the branch form the body.
+    """
+    instructions = parse_sass(text)
+    counted = []
+    loops = []
+    for addr, ins, target in instructions:
+        op = _opcode(ins)
+        if op == "NOP" or (op == "BRA" and target == addr):
+            continue
+        counted.append((addr, op))
+        if op == "BRA" and target is not None and target < addr:
+            loops.append((target, addr))
+    in_loops = sum(1 for addr, _ in counted if any(lo <= addr <= hi for lo, hi in loops))
+    ops: dict[str, int] = {}
+    for _, op in counted:
+        ops[op] = ops.get(op, 0) + 1
+    return {"sass_total": len(counted), "sass_in_loops": in_loops, "loops": len(loops), "sass_ops": ops}
+
+
+_PTX_PARAM_RE = re.compile(r"\[\s*(\w+)_param_(\d+)\s*\]")
+_PTX_REG_RE = re.compile(r"%[a-z]+\d+")
+_PTX_GLOBAL_RE = re.compile(r"^(ld|st)\.global(?:\.[a-z0-9_]+)*?(?:\.v(\d))?\.([bsuf])(\d+)$")
+
+
+def global_accesses_by_argument(ptx: str, arg_names: list[str], pointer_args=None) -> dict[str, list[Access]]:
+    """For each pointer argument, the global loads and stores through it and their widths.
+
+    Traces every register of the PTX back to the kernel parameters it is
+    computed from (a fixed point over all instructions, so loops are covered),
+    then attributes each ``ld.global``/``st.global`` to the parameter(s) its
+    address comes from. ``arg_names`` are the non-constexpr arguments in order
+    (the PTX numbers parameters that way); only ``pointer_args`` (default: all)
+    are traced, so an offset computed from an integer argument does not count.
+    """
+    traced = {i for i, n in enumerate(arg_names) if pointer_args is None or n in pointer_args}
+    lines = []
+    for raw in ptx.splitlines():
+        line = raw.split("//")[0].strip().rstrip(";").strip()
+        if not line or line.startswith((".", "{", "}")) or line.endswith(":"):
+            continue
+        if line.startswith("@"):
+            line = line.split(None, 1)[1] if " " in line else ""
+        parts = line.split(None, 1)
+        if len(parts) == 2:
+            lines.append((parts[0], parts[1]))
+
+    taint: dict[str, set[int]] = {}
+    changed = True
+    while changed:
+        changed = False
+        for op, operands in lines:
+            if op.startswith("st."):
+                continue
+            regs = _PTX_REG_RE.findall(operands)
+            if not regs:
+                continue
+            param = _PTX_PARAM_RE.search(operands)
+            if op.startswith("ld.param") and param:
+                sources = {int(param.group(2))} & traced
+                dests = regs
+            else:
+                if operands.startswith("{"):  # vector destination
+                    close = operands.index("}")
+                    dests = _PTX_REG_RE.findall(operands[:close])
+                    srcs = _PTX_REG_RE.findall(operands[close:])
+                else:
+                    dests, srcs = regs[:1], regs[1:]
+                sources = set().union(*(taint.get(r, set()) for r in srcs)) if srcs else set()
+                if op.startswith("ld.global"):  # a loaded value is data, not an address
+                    sources = set()
+            for dest in dests:
+                known = taint.setdefault(dest, set())
+                if not sources <= known:
+                    known |= sources
+                    changed = True
+
+    counts: dict[tuple[str, str, int], int] = {}
+    for op, operands in lines:
+        match = _PTX_GLOBAL_RE.match(op)
+        if not match:
+            continue
+        kind = "load" if match.group(1) == "ld" else "store"
+        bits = int(match.group(2) or 1) * int(match.group(4))
+        address = re.search(r"\[\s*(%[a-z]+\d+)", operands)
+        params = taint.get(address.group(1), set()) if address else set()
+        for index in params or {-1}:
+            name = arg_names[index] if 0 <= index < len(arg_names) else "?"
+            counts[(name, kind, bits)] = counts.get((name, kind, bits), 0) + 1
+    result: dict[str, list[Access]] = {}
+    for (name, kind, bits), count in sorted(counts.items()):
+        result.setdefault(name, []).append(Access(kind=kind, bits=bits, count=count))
+    return result
+
+
+def occupancy_warps(registers: int, shared_bytes: int, num_warps: int, capability: int) -> int:
+    """Resident warps per SM allowed by registers, shared memory and block limits."""
+    limits = _SM_LIMITS[capability]
+    regs_per_warp = -(-max(registers, 1) * 32 // 256) * 256  # allocated per warp in units of 256
+    blocks = min(
+        limits["blocks"],
+        limits["warps"] // num_warps,
+        limits["regs"] // (regs_per_warp * num_warps),
+        limits["shared"] // shared_bytes if shared_bytes else limits["blocks"],
+    )
+    return blocks * num_warps
+
+
+# --------------------------------------------------------------------------- compile
+def _load_function(build: KernelBuild):
+    module_name, name = build.kernel.split(":")
+    module = None
+    if module_name != "__main__":  # a script's kernels are loaded from its file, under another name
+        try:
+            module = sys.modules.get(module_name) or importlib.import_module(module_name)
+        except ImportError:
+            pass
+    if module is None or not hasattr(module, name):
+        module_name = f"_aot_{Path(build.path).stem}" if module_name == "__main__" else module_name
+        spec = importlib.util.spec_from_file_location(module_name, build.path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        spec.loader.exec_module(module)
+    return getattr(module, name)
+
+
+def interpreter_active() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+def compile_one(build: KernelBuild, target: str) -> CompiledKernel:
+    """Compile ``build`` for ``target`` (``"sm_90"``) in this process and read its artifacts."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    capability = TARGETS[target]
+    fn = _load_function(build)
+    names = list(build.signature)
+    attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in build.aligned}
+    source = ASTSource(fn=fn, signature=build.signature, constexprs=build.constexprs, attrs=attrs)
+    log = io.StringIO()
+    previous = triton.knobs.nvidia.dump_ptxas_log
+    triton.knobs.nvidia.dump_ptxas_log = True
+    try:
+        with contextlib.redirect_stdout(log):
+            compiled = triton.compile(
+                source,
+                target=GPUTarget("cuda", capability, 32),
+                options={"num_warps": build.num_warps, "num_stages": build.num_stages},
+            )
+    finally:
+        triton.knobs.nvidia.dump_ptxas_log = previous
+    spills = parse_ptxas_log(log.getvalue())
+    if spills is None:  # Triton's cache answered: run ptxas -v on the PTX ourselves
+        spills = _ptxas_spills(compiled.asm["ptx"], capability)
+    cubin = compiled.asm["cubin"]
+    resources = parse_res_usage(_run_tool("cuobjdump", ["-res-usage"], cubin))
+    sass = count_sass(_run_tool("nvdisasm", ["-c"], cubin))
+    runtime_args = [n for n, t in build.signature.items() if t != "constexpr"]
+    pointers = [n for n, t in build.signature.items() if t.startswith("*")]
+    accesses = global_accesses_by_argument(compiled.asm["ptx"], runtime_args, pointers)
+    return CompiledKernel(
+        kernel=build.kernel,
+        target=target,
+        num_warps=build.num_warps,
+        spill_store_bytes=spills[0],
+        spill_load_bytes=spills[1],
+        accesses=accesses,
+        occupancy_warps=occupancy_warps(resources["registers"], resources["shared_bytes"], build.num_warps, capability),
+        **resources,
+        **sass,
+    )
+
+
+def _ptxas_spills(ptx: str, capability: int) -> tuple[int, int]:
+    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "k.ptx"
+        src.write_text(ptx)
+        proc = subprocess.run(
+            [get_ptxas(capability).path, "-lineinfo", "-v", "--regAllocOptLevel=2",
+             f"--gpu-name={sm_arch_from_capability(capability)}", str(src), "-o", str(Path(tmp) / "k.o")],
+            capture_output=True, text=True,
+        )
+    spills = parse_ptxas_log(proc.stderr)
+    if proc.returncode or spills is None:
+        raise CompileError(f"ptxas -v failed: {proc.stderr.strip()}")
+    return spills
+
+
+def compile_builds(builds: list[KernelBuild], targets=tuple(TARGETS)) -> list[CompiledKernel]:
+    """Compile every build for every target; one result per pair, in that order.
+
+    A build that fails to compile gives a result with ``error`` set (and zero
+    counts) rather than stopping the others. Under the interpreter this runs
+    in a child process (see the module docstring).
+    """
+    return compile_jobs([(b, t) for b in builds for t in targets])
+
+
+def compile_jobs(jobs: list[tuple[KernelBuild, str]]) -> list[CompiledKernel]:
+    """Compile each ``(build, target)`` pair; see :func:`compile_builds`."""
+    if interpreter_active():
+        return _compile_in_child(jobs)
+    return [_compile_or_error(b, t) for b, t in jobs]
+
+
+def _compile_or_error(build: KernelBuild, target: str) -> CompiledKernel:
+    try:
+        return compile_one(build, target)
+    except Exception as exc:  # noqa: BLE001 -- every compiler failure is reported, per build
+        return CompiledKernel(
+            kernel=build.kernel, target=target, num_warps=build.num_warps, registers=0, stack_bytes=0,
+            local_bytes=0, shared_bytes=0, spill_store_bytes=0, spill_load_bytes=0, sass_total=0,
+            sass_in_loops=0, loops=0, sass_ops={}, accesses={}, occupancy_warps=0,
+            error=f"{type(exc).__name__}: {str(exc)[-4000:]}",
+        )
+
+
+def _compile_in_child(jobs) -> list[CompiledKernel]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    payload = json.dumps([{"build": dataclasses.asdict(b), "target": t} for b, t in jobs])
+    proc = subprocess.run(
+        [sys.executable, "-m", "eco.kernels.aot", "--worker"], input=payload, capture_output=True, text=True, env=env
+    )
+    if proc.returncode:
+        raise CompileError(f"the compile worker failed:\n{proc.stderr[-4000:]}")
+    return [CompiledKernel.from_json(r) for r in json.loads(proc.stdout.strip().splitlines()[-1])]
+
+
+def _worker() -> None:
+    """Child process: read jobs as JSON on stdin, print results as one JSON line."""
+    jobs = json.loads(sys.stdin.read())
+    results = []
+    for job in jobs:
+        build = job["build"]
+        build["aligned"] = tuple(build["aligned"])
+        with contextlib.redirect_stdout(sys.stderr):
+            results.append(_compile_or_error(KernelBuild(**build), job["target"]).to_json())
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--worker"]:
+        _worker()
+    else:
+        sys.exit("usage: python -m eco.kernels.aot --worker   (driven by compile_builds; see bench/kernel_report.py)")
