@@ -16,7 +16,6 @@ from __future__ import annotations
 import pytest
 import triton
 import triton.language as tl
-
 from eco.kernels.aot import H100_SXM, TARGETS, KernelBuild, compile_jobs, count_sass
 
 
@@ -71,7 +70,7 @@ def small():
     """``{(name, target): CompiledKernel}`` for the kernels above, compiled in one child process."""
     keys = [(name, target) for name, (_, targets) in _SMALL_BUILDS.items() for target in targets]
     compiled = compile_jobs([(_SMALL_BUILDS[name][0], target) for name, target in keys])
-    return dict(zip(keys, compiled))
+    return dict(zip(keys, compiled, strict=True))
 
 
 @pytest.mark.parametrize("target", list(TARGETS))
