@@ -498,8 +498,17 @@ def _compile_or_error(build: KernelBuild, target: str) -> CompiledKernel:
             kernel=build.kernel, target=target, num_warps=build.num_warps, registers=0, stack_bytes=0,
             local_bytes=0, shared_bytes=0, spill_store_bytes=0, spill_load_bytes=0, sass_total=0,
             sass_in_loops=0, loops=0, sass_ops={}, accesses={}, occupancy_warps=0,
-            error=f"{type(exc).__name__}: {str(exc)[-4000:]}",
+            error=_describe(exc),
         )
+
+
+def _describe(exc: BaseException) -> str:
+    """The error and its causes (Triton's CompilationError keeps the reason in ``__cause__``)."""
+    parts = []
+    while exc is not None and len(parts) < 4:
+        parts.append(f"{type(exc).__name__}: {str(exc)[-3000:]}")
+        exc = exc.__cause__ or exc.__context__
+    return "\n  caused by ".join(parts)
 
 
 def _compile_in_child(jobs) -> list[CompiledKernel]:
