@@ -69,9 +69,10 @@ class KernelBuild:
     aligned: tuple = ()
     num_warps: int = 4
     num_stages: int = 3
+    options: dict = field(default_factory=dict)  # more triton.compile options (enable_fp_fusion, ...)
 
     @classmethod
-    def of(cls, fn, signature, constexprs=None, aligned=(), num_warps=4, num_stages=3) -> KernelBuild:
+    def of(cls, fn, signature, constexprs=None, aligned=(), num_warps=4, num_stages=3, options=None) -> KernelBuild:
         """Describe a ``@triton.jit`` function (compiled or interpreted) for compilation."""
         py = getattr(fn, "fn", fn)
         return cls(
@@ -82,6 +83,7 @@ class KernelBuild:
             aligned=tuple(aligned),
             num_warps=num_warps,
             num_stages=num_stages,
+            options=dict(options or {}),
         )
 
 
@@ -109,6 +111,7 @@ class CompiledKernel:
     spill_load_bytes: int
     sass_total: int  # static SASS instructions, NOPs and the trailing trap branch excluded
     sass_in_loops: int  # of which inside a loop body (a backward branch's range)
+    sass_in_subroutines: int  # of which in CALLed slow paths (IEEE div/sqrt special operands), not counted per element
     loops: int
     sass_ops: dict  # opcode (without modifiers) -> static count
     accesses: dict  # argument name -> list of Access
@@ -130,10 +133,11 @@ class CompiledKernel:
         elements a thread handles in the whole program. A loop body runs once
         per iteration, so it is divided by the elements a thread handles per
         iteration; every loop is assumed to walk the element stream (as the
-        row kernels' column loops do). Every instruction is counted as executed,
-        predicated-off or not: an upper bound.
+        row kernels' column loops do). Subroutines (slow paths, see
+        :func:`count_sass`) are left out. Every other instruction is counted as
+        executed, predicated-off or branched-around or not: an upper bound.
         """
-        straight = self.sass_total - self.sass_in_loops
+        straight = self.sass_total - self.sass_in_loops - self.sass_in_subroutines
         per_element = straight / elements_per_thread
         if self.sass_in_loops:
             if not elements_per_thread_per_iteration:
@@ -278,27 +282,44 @@ def _opcode(instruction: str) -> str:
 
 
 def count_sass(text: str) -> dict:
-    """Static SASS counts of ``nvdisasm`` output: total, inside loops, loops, per opcode.
+    """Static SASS counts of ``nvdisasm`` output: total, in loops, in subroutines, per opcode.
 
     NOPs (alignment padding) and the ``BRA`` to itself that ends every kernel
     (a trap, never reached) are not counted. A loop is a backward branch: the
-    instructions from its target to the branch form the body.
+    instructions from its target to the branch form the body. A subroutine is
+    the code from a ``CALL`` target to the next ``RET``: in these kernels only
+    the slow paths of IEEE division and square root (``div_rn``/``sqrt_rn``
+    with denormal, huge or special operands), which normal values never take.
     """
     instructions = parse_sass(text)
     counted = []
-    loops = []
     for addr, ins, target in instructions:
         op = _opcode(ins)
         if op == "NOP" or (op == "BRA" and target == addr):
             continue
-        counted.append((addr, op))
-        if op == "BRA" and target is not None and target < addr:
-            loops.append((target, addr))
-    in_loops = sum(1 for addr, _ in counted if any(lo <= addr <= hi for lo, hi in loops))
+        counted.append((addr, op, target))
+    returns = sorted(addr for addr, op, _ in counted if op == "RET")
+    subroutines = []
+    for start in sorted({t for _, op, t in counted if op == "CALL" and t is not None}):
+        end = next((r for r in returns if r >= start), None)
+        if end is None:
+            raise ValueError(f"SASS subroutine at {start:#x} has no RET")
+        subroutines.append((start, end))
+
+    def inside(addr, ranges):
+        return any(lo <= addr <= hi for lo, hi in ranges)
+
+    loops = [(t, a) for a, op, t in counted if op == "BRA" and t is not None and t < a and not inside(a, subroutines)]
     ops: dict[str, int] = {}
-    for _, op in counted:
+    for _, op, _ in counted:
         ops[op] = ops.get(op, 0) + 1
-    return {"sass_total": len(counted), "sass_in_loops": in_loops, "loops": len(loops), "sass_ops": ops}
+    return {
+        "sass_total": len(counted),
+        "sass_in_loops": sum(1 for a, _, _ in counted if inside(a, loops)),
+        "sass_in_subroutines": sum(1 for a, _, _ in counted if inside(a, subroutines)),
+        "loops": len(loops),
+        "sass_ops": ops,
+    }
 
 
 _PTX_PARAM_RE = re.compile(r"\[\s*(\w+)_param_(\d+)\s*\]")
@@ -411,7 +432,7 @@ def interpreter_active() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 
-def compile_one(build: KernelBuild, target: str) -> CompiledKernel:
+def compile_one(build: KernelBuild, target: str, sass: bool = True) -> CompiledKernel:
     """Compile ``build`` for ``target`` (``"sm_90"``) in this process and read its artifacts."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -430,7 +451,7 @@ def compile_one(build: KernelBuild, target: str) -> CompiledKernel:
             compiled = triton.compile(
                 source,
                 target=GPUTarget("cuda", capability, 32),
-                options={"num_warps": build.num_warps, "num_stages": build.num_stages},
+                options={"num_warps": build.num_warps, "num_stages": build.num_stages, **build.options},
             )
     finally:
         triton.knobs.nvidia.dump_ptxas_log = previous
@@ -439,7 +460,10 @@ def compile_one(build: KernelBuild, target: str) -> CompiledKernel:
         spills = _ptxas_spills(compiled.asm["ptx"], capability)
     cubin = compiled.asm["cubin"]
     resources = parse_res_usage(_run_tool("cuobjdump", ["-res-usage"], cubin))
-    sass = count_sass(_run_tool("nvdisasm", ["-c"], cubin))
+    if sass:
+        counts = count_sass(_run_tool("nvdisasm", ["-c"], cubin))
+    else:
+        counts = {"sass_total": 0, "sass_in_loops": 0, "sass_in_subroutines": 0, "loops": 0, "sass_ops": {}}
     runtime_args = [n for n, t in build.signature.items() if t != "constexpr"]
     pointers = [n for n, t in build.signature.items() if t.startswith("*")]
     accesses = global_accesses_by_argument(compiled.asm["ptx"], runtime_args, pointers)
@@ -452,7 +476,7 @@ def compile_one(build: KernelBuild, target: str) -> CompiledKernel:
         accesses=accesses,
         occupancy_warps=occupancy_warps(resources["registers"], resources["shared_bytes"], build.num_warps, capability),
         **resources,
-        **sass,
+        **counts,
     )
 
 
@@ -473,31 +497,52 @@ def _ptxas_spills(ptx: str, capability: int) -> tuple[int, int]:
     return spills
 
 
-def compile_builds(builds: list[KernelBuild], targets=tuple(TARGETS)) -> list[CompiledKernel]:
-    """Compile every build for every target; one result per pair, in that order.
+def compile_builds(builds: list[KernelBuild], targets=tuple(TARGETS), **kwargs) -> list[CompiledKernel]:
+    """Compile every build for every target; one result per pair, in that order (see :func:`compile_jobs`)."""
+    return compile_jobs([(b, t) for b in builds for t in targets], **kwargs)
+
+
+def compile_jobs(jobs: list[tuple[KernelBuild, str]], workers: int | None = None, sass: bool = True):
+    """Compile each ``(build, target)`` pair; one :class:`CompiledKernel` per pair, in order.
 
     A build that fails to compile gives a result with ``error`` set (and zero
-    counts) rather than stopping the others. Under the interpreter this runs
-    in a child process (see the module docstring).
+    counts) rather than stopping the others. ``workers`` child processes
+    (default: one per CPU) share the jobs; under the interpreter children are
+    always used (see the module docstring). ``sass=False`` skips the
+    disassembly (about a second per kernel) when only resources and accesses
+    are needed; the SASS counts are then zero.
     """
-    return compile_jobs([(b, t) for b in builds for t in targets])
+    workers = max(1, min(len(jobs), workers or os.cpu_count() or 1))
+    if workers == 1 and not interpreter_active():
+        return [_compile_or_error(b, t, sass) for b, t in jobs]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    children = []
+    for w in range(workers):
+        payload = json.dumps({"sass": sass, "jobs": [{"build": dataclasses.asdict(b), "target": t}
+                                                     for b, t in jobs[w::workers]]})
+        proc = subprocess.Popen([sys.executable, "-m", "eco.kernels.aot", "--worker"], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        children.append((proc, payload))
+    chunks = []
+    for proc, payload in children:
+        out, err = proc.communicate(payload)
+        if proc.returncode:
+            raise CompileError(f"the compile worker failed:\n{err[-4000:]}")
+        chunks.append([CompiledKernel.from_json(r) for r in json.loads(out.strip().splitlines()[-1])])
+    results = [None] * len(jobs)
+    for w, chunk in enumerate(chunks):
+        results[w::workers] = chunk
+    return results
 
 
-def compile_jobs(jobs: list[tuple[KernelBuild, str]]) -> list[CompiledKernel]:
-    """Compile each ``(build, target)`` pair; see :func:`compile_builds`."""
-    if interpreter_active():
-        return _compile_in_child(jobs)
-    return [_compile_or_error(b, t) for b, t in jobs]
-
-
-def _compile_or_error(build: KernelBuild, target: str) -> CompiledKernel:
+def _compile_or_error(build: KernelBuild, target: str, sass: bool = True) -> CompiledKernel:
     try:
-        return compile_one(build, target)
+        return compile_one(build, target, sass)
     except Exception as exc:  # noqa: BLE001 -- every compiler failure is reported, per build
         return CompiledKernel(
             kernel=build.kernel, target=target, num_warps=build.num_warps, registers=0, stack_bytes=0,
             local_bytes=0, shared_bytes=0, spill_store_bytes=0, spill_load_bytes=0, sass_total=0,
-            sass_in_loops=0, loops=0, sass_ops={}, accesses={}, occupancy_warps=0,
+            sass_in_loops=0, sass_in_subroutines=0, loops=0, sass_ops={}, accesses={}, occupancy_warps=0,
             error=_describe(exc),
         )
 
@@ -511,26 +556,15 @@ def _describe(exc: BaseException) -> str:
     return "\n  caused by ".join(parts)
 
 
-def _compile_in_child(jobs) -> list[CompiledKernel]:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    payload = json.dumps([{"build": dataclasses.asdict(b), "target": t} for b, t in jobs])
-    proc = subprocess.run(
-        [sys.executable, "-m", "eco.kernels.aot", "--worker"], input=payload, capture_output=True, text=True, env=env
-    )
-    if proc.returncode:
-        raise CompileError(f"the compile worker failed:\n{proc.stderr[-4000:]}")
-    return [CompiledKernel.from_json(r) for r in json.loads(proc.stdout.strip().splitlines()[-1])]
-
-
 def _worker() -> None:
     """Child process: read jobs as JSON on stdin, print results as one JSON line."""
-    jobs = json.loads(sys.stdin.read())
+    request = json.loads(sys.stdin.read())
     results = []
-    for job in jobs:
+    for job in request["jobs"]:
         build = job["build"]
         build["aligned"] = tuple(build["aligned"])
         with contextlib.redirect_stdout(sys.stderr):
-            results.append(_compile_or_error(KernelBuild(**build), job["target"]).to_json())
+            results.append(_compile_or_error(KernelBuild(**build), job["target"], request["sass"]).to_json())
     print(json.dumps(results))
 
 

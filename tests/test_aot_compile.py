@@ -107,7 +107,7 @@ def test_loop_bodies_are_counted_per_iteration(small):
     with pytest.raises(ValueError, match="per iteration"):
         row_sum.sass_per_element(elements_per_thread=8)
     # A row of 4096 elements, 8 per thread per iteration, 4 iterations: 32 per thread in all.
-    straight = row_sum.sass_total - row_sum.sass_in_loops
+    straight = row_sum.sass_total - row_sum.sass_in_loops - row_sum.sass_in_subroutines
     expected = straight / 32 + row_sum.sass_in_loops / 8
     assert row_sum.sass_per_element(32, 8) == pytest.approx(expected)
     # The row pointer comes from x_ptr; the integer n must not be mistaken for a stream.
@@ -121,21 +121,26 @@ def test_hardware_fp8_cast_is_rejected_on_a100(small):
     assert small[("fp8_cast", "sm_90")].error is None
 
 
-def test_sass_counting_skips_padding_and_the_trap_branch():
+def test_sass_counting_of_loops_subroutines_padding_and_the_trap_branch():
     sass = """
         /*0000*/                   S2R R0, SR_TID.X ;
     .L_x_0:
         /*0010*/                   IADD3 R0, R0, 0x1, RZ ;
         /*0020*/              @P0 BRA `(.L_x_0) ;
-        /*0030*/                   EXIT ;
+        /*0030*/              @P1 CALL.REL.NOINC `(.L_x_2) ;
+        /*0040*/                   EXIT ;
+    .L_x_2:
+        /*0050*/                   MUFU.RCP R1, R0 ;
+        /*0060*/                   RET.REL.NODEC R2 `(.L_x_0) ;
     .L_x_1:
-        /*0040*/                   BRA `(.L_x_1);
-        /*0050*/                   NOP;
+        /*0070*/                   BRA `(.L_x_1);
+        /*0080*/                   NOP;
     """
     counts = count_sass(sass)
-    assert counts["sass_total"] == 4  # S2R, IADD3, BRA (the loop), EXIT
+    assert counts["sass_total"] == 7  # S2R, IADD3, BRA (the loop), CALL, EXIT, MUFU, RET
     assert counts["loops"] == 1 and counts["sass_in_loops"] == 2
-    assert counts["sass_ops"] == {"S2R": 1, "IADD3": 1, "BRA": 1, "EXIT": 1}
+    assert counts["sass_in_subroutines"] == 2
+    assert counts["sass_ops"] == {"S2R": 1, "IADD3": 1, "BRA": 1, "CALL": 1, "EXIT": 1, "MUFU": 1, "RET": 1}
 
 
 def test_h100_roofline():
