@@ -1,0 +1,312 @@
+"""The Triton kernels of the ECO step (see ``eco.kernels`` for the byte counts and dispatch).
+
+Every expression mirrors ``eco/reference.py`` in the same order, in fp32, with
+host scalars passed as fp32, IEEE division (``div_rn``) and square root
+(``sqrt_rn``) where the reference divides or takes a root, and no FMA
+contraction (launched with ``enable_fp_fusion=False``). That is what makes the
+codes bit-identical to the reference under round-to-nearest.
+
+Tiles: a program owns ``BLOCK`` logical elements of one row (grid = rows x
+column tiles), viewed as ``[BLOCK // GW, GW]`` so that a block/group format
+(``GROUP > 0``, ``GW = GROUP``) reduces its absmax along axis 1 in registers.
+Row-wise FP8 and tensor-wise INT4 (``GROUP == 0``) take two launches of the
+same kernel: ``PASS == 0`` computes ``w~`` and atomically maxes ``|w~|`` (as
+int32 bits of a non-negative float, which order like the floats) into a
+workspace, and saves the old scale; ``PASS == 1`` recomputes the identical
+``w~`` from the unchanged inputs, quantizes with the finished absmax and
+stores. INT4 tiles hold byte columns: each byte packs the even (low nibble)
+and odd (high nibble) element of a row, so every step is done for both halves.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from . import e4m3
+
+ZERO_GROUP_ABSMAX = tl.constexpr(2.0**-100)  # eco.formats.ZERO_GROUP_ABSMAX; constexpr: jit code reads it
+
+OPT_ADAMW = 0
+OPT_SGD = 1
+OPT_QUANTIZE = 2  # no optimizer: w~ is the input tensor (quantize kernels)
+
+
+@triton.jit
+def to_bf16_rne(x):
+    """fp32 -> bf16 rounding to nearest even on the bits (the interpreter's cast truncates)."""
+    bits = x.to(tl.int32, bitcast=True)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    return rounded.to(tl.int16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def store_state(ptr, offsets, value, mask):
+    """Store fp32 ``value`` into a state tensor of fp32 or bf16 (rounded to nearest even)."""
+    if ptr.dtype.element_ty == tl.bfloat16:
+        tl.store(ptr + offsets, to_bf16_rne(value), mask=mask)
+    else:
+        tl.store(ptr + offsets, value.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def adamw_moments(g, m, v, beta1, one_minus_beta1, beta2, one_minus_beta2, inv_bc2, eps):
+    """``reference._adam_moments``: returns ``m~, v', d``."""
+    m_new = beta1 * m + one_minus_beta1 * g
+    v_new = beta2 * v + one_minus_beta2 * (g * g)
+    d = tl.math.sqrt_rn(v_new * inv_bc2) + eps
+    return m_new, v_new, d
+
+
+@triton.jit
+def w_tilde_of(offsets, mask, base, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, src_ptr,
+               k0, k1, k2, k3, k4, k5, k6, k7, OPT: tl.constexpr):
+    """``m~, v', d, w~`` of the elements at ``offsets`` (``base`` is deq(w) or the master).
+
+    AdamW: ``k0..k7 = beta1, 1-beta1, beta2, 1-beta2, inv_bc2, eps, decay, step_size``.
+    SGD: ``k0..k3 = beta, 1-beta, weight_decay, lr``. Quantize: ``w~`` is ``src``.
+    Masked-off lanes give ``w~ = 0`` so that they never raise an absmax.
+    """
+    zero = tl.zeros_like(base)
+    if OPT == 2:
+        w_tilde = tl.load(src_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        return zero, zero, zero, w_tilde
+    g = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    m = tl.load(exp_avg_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    if OPT == 0:
+        v = tl.load(exp_avg_sq_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        m_tilde, v_new, d = adamw_moments(g, m, v, k0, k1, k2, k3, k4, k5)
+        w_tilde = base * k6 - k7 * tl.math.div_rn(m_tilde, d)
+    else:
+        g = tl.where(k2 != 0.0, g + k2 * base, g)
+        m_tilde = k0 * m + k1 * g
+        v_new = zero
+        d = zero + 1.0
+        w_tilde = base - k3 * m_tilde
+    return m_tilde, v_new, d, tl.where(mask, w_tilde, 0.0)
+
+
+@triton.jit
+def scale_pair(absmax, RHO: tl.constexpr):
+    """``FP8/INT4.scales_for``: ``(scale, inv_scale)``; a (near-)zero group gets ``(1, 0)``."""
+    live = absmax > ZERO_GROUP_ABSMAX
+    safe = tl.where(live, absmax, 1.0)
+    scale = tl.where(live, tl.math.div_rn(safe, RHO), 1.0)
+    inv_scale = tl.where(live, tl.math.div_rn(RHO + tl.zeros_like(safe), safe), 0.0)
+    return scale, inv_scale
+
+
+@triton.jit
+def quantize_values(w_tilde, inv_scale, offsets, seed, IS_INT4: tl.constexpr, STOCHASTIC: tl.constexpr):
+    """Grid value (fp32, ``code`` itself for INT4, the E4M3 value for FP8) of ``w~ * inv_scale``.
+
+    Stochastic rounding draws one Philox number per logical element (counter =
+    element offset, key = ``seed``): reproducible, and independent of the tiling.
+    A NaN (only reachable when a caller bypasses the optimizer's finite check) becomes 0.
+    """
+    y = w_tilde * inv_scale
+    y = tl.where(y == y, y, 0.0)
+    if IS_INT4:
+        y = tl.minimum(tl.maximum(y, -7.0), 7.0)
+        if STOCHASTIC:
+            u = (tl.randint(seed, offsets) >> 8).to(tl.float32) * (1.0 / 16777216.0)
+            lower = tl.floor(y)
+            grid = tl.minimum(tl.maximum(tl.where(u < y - lower, lower + 1.0, lower), -7.0), 7.0)
+        else:
+            grid = e4m3.round_half_even(y)
+    else:
+        y = tl.minimum(tl.maximum(y, -448.0), 448.0)
+        if STOCHASTIC:
+            u = (tl.randint(seed, offsets) >> 8).to(tl.float32) * (1.0 / 16777216.0)
+            grid = e4m3.round_stochastic(y, u)
+        else:
+            grid = y  # encode_nearest rounds; decode(encode(y)) gives the grid value
+    return grid
+
+
+@triton.jit
+def finish_element(w_tilde, m_tilde, v_new, d, scale, inv_scale, offsets, mask, seed, inject,
+                   exp_avg_ptr, exp_avg_sq_ptr, master_ptr,
+                   OPT: tl.constexpr, IS_INT4: tl.constexpr, STOCHASTIC: tl.constexpr, HAS_MASTER: tl.constexpr):
+    """Quantize ``w~``, inject the error into ``m``, store the moments; return the code bits."""
+    grid = quantize_values(w_tilde, inv_scale, offsets, seed, IS_INT4, STOCHASTIC)
+    if IS_INT4:
+        code = grid.to(tl.int32) + 8
+        stored = (code - 8).to(tl.float32)  # as the reference decodes it (-0.0 becomes +0.0)
+    else:
+        code = e4m3.encode_nearest(grid)
+        stored = e4m3.decode(code)
+    if OPT != 2:
+        m_new = m_tilde
+        if not HAS_MASTER:
+            error = w_tilde - stored * scale
+            m_new = tl.where(inject != 0.0, m_tilde + (inject * d) * error, m_tilde)
+        else:
+            tl.store(master_ptr + offsets, w_tilde, mask=mask)
+        store_state(exp_avg_ptr, offsets, m_new, mask)
+        if OPT == 0:
+            store_state(exp_avg_sq_ptr, offsets, v_new, mask)
+    return code
+
+
+@triton.jit
+def eco_step_kernel(
+    codes_ptr, scales_ptr, workspace_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, master_ptr, src_ptr,
+    n_cols, code_cols, rows_per_scale, n_scale_groups, seed,
+    k0, k1, k2, k3, k4, k5, k6, k7, inject,
+    OPT: tl.constexpr, IS_INT4: tl.constexpr, GROUP: tl.constexpr, BLOCK: tl.constexpr,
+    STOCHASTIC: tl.constexpr, HAS_MASTER: tl.constexpr, PASS: tl.constexpr,
+):
+    """One ECO step (or a plain quantize, ``OPT == 2``) for a ``BLOCK``-element tile of one row.
+
+    ``codes_ptr`` is the uint8 view of the codes ``[rows, code_cols]``;
+    ``scales_ptr`` the fp32 scales in :meth:`QuantFormat.grouped` order;
+    ``workspace_ptr`` (``GROUP == 0`` only) int32 ``[2, n_scale_groups]``:
+    absmax bits, then the old scale's bits. ``rows_per_scale`` is 1 for
+    row-wise FP8 and the matrix height for tensor-wise INT4.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    tile = tl.program_id(1)
+    GW: tl.constexpr = GROUP if GROUP > 0 else BLOCK
+    RHO: tl.constexpr = 7.0 if IS_INT4 else 448.0
+    PER_BYTE: tl.constexpr = 2 if IS_INT4 else 1
+    i = tl.arange(0, BLOCK // GW)[:, None]
+    j = tl.arange(0, GW // PER_BYTE)[None, :]
+    code_col = tile * (BLOCK // PER_BYTE) + i * (GW // PER_BYTE) + j
+    code_mask = code_col < code_cols
+    code_offsets = row * code_cols + code_col
+    col = code_col * PER_BYTE  # INT4: the low-nibble element; its partner is col + 1
+    offsets = row * n_cols + col
+    mask = col < n_cols
+
+    # Old scale: one per group of the tile ([BLOCK // GW, 1]), or one per row/matrix.
+    if GROUP > 0:
+        group_first_col = tile * BLOCK + i * GW
+        group_mask = group_first_col < n_cols
+        group_index = (row * n_cols + group_first_col) // GROUP
+        old_scale = tl.load(scales_ptr + group_index, mask=group_mask, other=1.0)
+    else:
+        scale_index = row // rows_per_scale
+        owns_scale = (tile == 0) & (row % rows_per_scale == 0)
+        if PASS == 0:
+            old_scale = tl.load(scales_ptr + scale_index)
+        else:
+            old_scale = tl.load(workspace_ptr + n_scale_groups + scale_index).to(tl.float32, bitcast=True)
+
+    byte = tl.load(codes_ptr + code_offsets, mask=code_mask, other=0).to(tl.int32)
+    if IS_INT4:
+        base = ((byte & 0xF) - 8).to(tl.float32) * old_scale
+        base_hi = ((byte >> 4) - 8).to(tl.float32) * old_scale
+    else:
+        base = e4m3.decode(byte) * old_scale
+        base_hi = base
+    if HAS_MASTER:
+        base = tl.load(master_ptr + offsets, mask=mask, other=0.0)
+    m_t, v_n, d, w_t = w_tilde_of(offsets, mask, base, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, src_ptr,
+                                  k0, k1, k2, k3, k4, k5, k6, k7, OPT)
+    absmax = tl.max(tl.abs(w_t), axis=1)
+    if IS_INT4:
+        mask_hi = col + 1 < n_cols
+        if HAS_MASTER:
+            base_hi = tl.load(master_ptr + offsets + 1, mask=mask_hi, other=0.0)
+        m_t_hi, v_n_hi, d_hi, w_t_hi = w_tilde_of(offsets + 1, mask_hi, base_hi, grad_ptr, exp_avg_ptr,
+                                                  exp_avg_sq_ptr, src_ptr, k0, k1, k2, k3, k4, k5, k6, k7, OPT)
+        absmax = tl.maximum(absmax, tl.max(tl.abs(w_t_hi), axis=1))
+
+    if GROUP == 0:
+        if PASS == 0:
+            tl.atomic_max(workspace_ptr + scale_index, tl.max(absmax, axis=0).to(tl.int32, bitcast=True))
+            tl.store(workspace_ptr + n_scale_groups + scale_index, old_scale.to(tl.int32, bitcast=True),
+                     mask=owns_scale)
+            return
+        absmax = tl.load(workspace_ptr + scale_index).to(tl.float32, bitcast=True)
+    scale, inv_scale = scale_pair(absmax, RHO)
+    if GROUP > 0:
+        scale = scale[:, None]
+        inv_scale = inv_scale[:, None]
+        tl.store(scales_ptr + group_index, scale, mask=group_mask)
+    else:
+        tl.store(scales_ptr + scale_index, scale, mask=owns_scale)
+
+    code = finish_element(w_t, m_t, v_n, d, scale, inv_scale, offsets, mask, seed, inject,
+                          exp_avg_ptr, exp_avg_sq_ptr, master_ptr, OPT, IS_INT4, STOCHASTIC, HAS_MASTER)
+    if IS_INT4:
+        code_hi = finish_element(w_t_hi, m_t_hi, v_n_hi, d_hi, scale, inv_scale, offsets + 1, mask_hi, seed,
+                                 inject, exp_avg_ptr, exp_avg_sq_ptr, master_ptr, OPT, IS_INT4, STOCHASTIC,
+                                 HAS_MASTER)
+        code_hi = tl.where(mask_hi, code_hi, 8)  # an odd last dimension pads with code 0
+        code = code | (code_hi << 4)
+    tl.store(codes_ptr + code_offsets, code.to(tl.uint8), mask=code_mask)
+
+
+@triton.jit
+def dequantize_kernel(codes_ptr, scales_ptr, out_ptr, n_cols, code_cols, rows_per_scale,
+                      IS_INT4: tl.constexpr, GROUP: tl.constexpr, BLOCK: tl.constexpr):
+    """``code * scale`` (fp32) cast to the output dtype, for a ``BLOCK``-element tile of one row."""
+    row = tl.program_id(0).to(tl.int64)
+    col = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = col < n_cols
+    offsets = row * n_cols + col
+    if GROUP > 0:
+        scale = tl.load(scales_ptr + offsets // GROUP, mask=mask, other=1.0)
+    else:
+        scale = tl.load(scales_ptr + row // rows_per_scale)
+    if IS_INT4:
+        byte = tl.load(codes_ptr + row * code_cols + col // 2, mask=mask, other=0).to(tl.int32)
+        code = tl.where(col % 2 == 0, byte & 0xF, byte >> 4) - 8
+        value = code.to(tl.float32) * scale
+    else:
+        value = e4m3.decode(tl.load(codes_ptr + offsets, mask=mask, other=0)) * scale
+    store_state(out_ptr, offsets, value, mask)
+
+
+@triton.jit
+def plain_tile(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, offsets, mask,
+               k0, k1, k2, k3, k4, k5, k6, k7, OPT: tl.constexpr):
+    """``reference.plain_adamw_step_`` / ``plain_sgd_step_`` on one tile (scalars as in :func:`w_tilde_of`)."""
+    p = tl.load(param_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    m = tl.load(exp_avg_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    if OPT == 0:
+        v = tl.load(exp_avg_sq_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        m_new, v_new, d = adamw_moments(g, m, v, k0, k1, k2, k3, k4, k5)
+        p_new = p * k6 - k7 * tl.math.div_rn(m_new, d)
+        store_state(exp_avg_sq_ptr, offsets, v_new, mask)
+    else:
+        g = tl.where(k2 != 0.0, g + k2 * p, g)
+        m_new = k0 * m + k1 * g
+        p_new = p - k3 * m_new
+    store_state(param_ptr, offsets, p_new, mask)
+    store_state(exp_avg_ptr, offsets, m_new, mask)
+
+
+@triton.jit
+def plain_step_kernel(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, numel,
+                      k0, k1, k2, k3, k4, k5, k6, k7, OPT: tl.constexpr, BLOCK: tl.constexpr):
+    """Plain AdamW/SGD step of one tensor, ``BLOCK`` elements per program."""
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    plain_tile(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, offsets, offsets < numel,
+               k0, k1, k2, k3, k4, k5, k6, k7, OPT)
+
+
+@triton.jit
+def plain_multi_step_kernel(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, table_ptr,
+                            k0, k1, k2, k3, k4, k5, k6, k7, OPT: tl.constexpr, BLOCK: tl.constexpr):
+    """Plain AdamW/SGD step of many tensors in one launch.
+
+    The four pointers are the first tensor of each list; ``table_ptr`` (int64)
+    holds, per program, ``[tensor index, first element]`` and then, per tensor
+    (starting at ``2 * n_programs``), ``[numel, param, grad, exp_avg, exp_avg_sq
+    offsets]``: each tensor's element offset from the list's first tensor (all
+    tensors of one list share a dtype, so such offsets are whole elements).
+    """
+    pid = tl.program_id(0)
+    n_programs = tl.num_programs(0)
+    tensor = tl.load(table_ptr + 2 * pid)
+    start = tl.load(table_ptr + 2 * pid + 1)
+    entry = table_ptr + 2 * n_programs + 5 * tensor
+    numel = tl.load(entry)
+    offsets = start + tl.arange(0, BLOCK)
+    mask = offsets < numel
+    plain_tile(param_ptr + tl.load(entry + 1), grad_ptr + tl.load(entry + 2), exp_avg_ptr + tl.load(entry + 3),
+               exp_avg_sq_ptr + tl.load(entry + 4), offsets, mask, k0, k1, k2, k3, k4, k5, k6, k7, OPT)

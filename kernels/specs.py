@@ -1,0 +1,232 @@
+"""The one list of kernel specializations the optimizer launches (``SPECS``).
+
+Dispatch (``eco.kernels``) finds the entry for each launch here and takes the
+constexprs, warps and options from it; the tests launch through the same
+entries; ahead-of-time compilation walks the whole list. So what is compiled
+ahead of time is exactly what runs.
+
+Fields of a :class:`KernelSpec`:
+
+``name``
+    Unique, readable id, e.g. ``"adamw/fp8-block128/stochastic/state-bf16/grad-bf16"``.
+``fn``
+    The ``@triton.jit`` function.
+``signature``
+    Every argument of ``fn`` in order, name -> Triton type: ``"*u8"``,
+    ``"*fp32"``, ``"*bf16"``, ``"*i32"``, ``"*i64"`` for pointers (FP8 and INT4
+    codes are both passed as their ``uint8`` view), ``"i32"``, ``"i64"``,
+    ``"fp32"`` for scalars, ``"constexpr"`` for compile-time arguments. Ready
+    for ``triton.compiler.ASTSource(fn, signature, constexprs, attrs)``.
+``constexprs``
+    Compile-time argument name -> value (ints and bools only).
+``aligned``
+    Pointer arguments that are 16-byte aligned at every launch (the launcher
+    checks it). :meth:`KernelSpec.attrs` turns them into ASTSource ``attrs``.
+``num_warps``, ``options``
+    Launch options; ``options`` always holds ``enable_fp_fusion=False``
+    (no FMA contraction: bit-identity with the reference needs it).
+``meta``
+    What the entry is for: ``kernel`` (``"step"``, ``"quantize"``,
+    ``"dequantize"``, ``"plain"``, ``"plain_multi"``), ``optimizer``
+    (``"adamw"``/``"sgd"``/None), ``format`` (``eco.formats`` config dict or
+    None), ``rounding``, ``state_dtype``, ``grad_dtype`` (the input tensor's dtype
+    for quantize; the parameter's for plain), ``out_dtype`` (dequantize),
+    ``master`` (fp32 master copy kept), ``pass`` (0: absmax pass of row/tensor
+    formats, 1: the storing pass).
+
+Scalar arguments (``k0..k7``, ``inject``) carry the host scalars of
+``eco.reference.AdamWScalars``/``SGDScalars`` as fp32; see
+``kernels/eco_step.py`` for their meaning per optimizer.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+
+import torch
+
+from . import eco_step
+
+#: group sizes (FP8 ``block_size``, INT4 ``group_size``) with kernels; others run on the reference path
+GROUP_SIZES = (32, 64, 128)
+STEP_BLOCK = 1024          # elements per program, block/group formats
+ROWWISE_BLOCK = 2048       # elements per program, row-wise FP8 / tensor-wise INT4 (fewer atomics)
+PLAIN_BLOCK = 1024
+OPTIONS = {"enable_fp_fusion": False}
+
+TRITON_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+STATE_DTYPES = (torch.float32, torch.bfloat16)
+GRAD_DTYPES = (torch.float32, torch.bfloat16)
+OPTIMIZERS = {"adamw": eco_step.OPT_ADAMW, "sgd": eco_step.OPT_SGD}
+ROUNDINGS = ("nearest", "stochastic")
+
+
+def format_configs() -> list[dict]:
+    """Every format config (``QuantFormat.config()``) that has kernels."""
+    configs = [{"name": "fp8", "group_size": None}, {"name": "int4", "group_size": None}]
+    for size in GROUP_SIZES:
+        configs += [{"name": "fp8", "group_size": size}, {"name": "int4", "group_size": size}]
+    return configs
+
+
+def format_tag(config: dict) -> str:
+    gs = config["group_size"]
+    if config["name"] == "fp8":
+        return "fp8-row" if gs is None else f"fp8-block{gs}"
+    return "int4-tensor" if gs is None else f"int4-group{gs}"
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    name: str
+    fn: object
+    signature: dict
+    constexprs: dict
+    aligned: tuple
+    num_warps: int
+    meta: dict
+    options: dict = field(default_factory=lambda: dict(OPTIONS))
+
+    def attrs(self) -> dict:
+        """ASTSource ``attrs``: ``{(arg index,): [["tt.divisibility", 16]]}`` for the aligned pointers."""
+        names = list(self.signature)
+        return {(names.index(n),): [["tt.divisibility", 16]] for n in self.aligned}
+
+    def runtime_args(self) -> list[str]:
+        return [n for n, t in self.signature.items() if t != "constexpr"]
+
+
+def _arg_names(fn) -> list[str]:
+    return list(inspect.signature(fn.fn).parameters)
+
+
+def _spec(name, fn, types: dict, constexprs: dict, num_warps: int, meta: dict) -> KernelSpec:
+    names = _arg_names(fn)
+    missing = set(names) - set(types) - set(constexprs)
+    if missing:
+        raise AssertionError(f"spec {name}: no type for {sorted(missing)}")
+    signature = {n: ("constexpr" if n in constexprs else types[n]) for n in names}
+    aligned = tuple(n for n in names if signature[n].startswith("*"))
+    return KernelSpec(name, fn, signature, dict(constexprs), aligned, num_warps, meta)
+
+
+_SCALARS = {f"k{i}": "fp32" for i in range(8)} | {"inject": "fp32"}
+_STEP_INTS = {"n_cols": "i32", "code_cols": "i32", "rows_per_scale": "i32", "n_scale_groups": "i32", "seed": "i64"}
+
+
+def _step_specs() -> list[KernelSpec]:
+    specs = []
+    for opt_name, opt in OPTIMIZERS.items():
+        for config in format_configs():
+            gs = config["group_size"] or 0
+            for state in STATE_DTYPES:
+                for grad in GRAD_DTYPES:
+                    for master in (False, True):
+                        passes = (0, 1) if gs == 0 else (1,)
+                        for pass_ in passes:
+                            for rounding in (ROUNDINGS if pass_ == 1 else ("nearest",)):
+                                st, gr = TRITON_DTYPES[state], TRITON_DTYPES[grad]
+                                types = {
+                                    "codes_ptr": "*u8", "scales_ptr": "*fp32", "workspace_ptr": "*i32",
+                                    "grad_ptr": f"*{gr}", "exp_avg_ptr": f"*{st}", "exp_avg_sq_ptr": f"*{st}",
+                                    "master_ptr": "*fp32", "src_ptr": f"*{gr}", **_STEP_INTS, **_SCALARS,
+                                }
+                                constexprs = dict(
+                                    OPT=opt, IS_INT4=config["name"] == "int4", GROUP=gs,
+                                    BLOCK=STEP_BLOCK if gs else ROWWISE_BLOCK,
+                                    STOCHASTIC=rounding == "stochastic", HAS_MASTER=master, PASS=pass_,
+                                )
+                                tag = "absmax-pass" if pass_ == 0 else rounding
+                                name = (f"{opt_name}/{format_tag(config)}/{tag}/state-{st}/grad-{gr}"
+                                        + ("/master" if master else ""))
+                                meta = dict(kernel="step", optimizer=opt_name, format=config, rounding=rounding,
+                                            state_dtype=state, grad_dtype=grad, master=master, **{"pass": pass_})
+                                specs.append(_spec(name, eco_step.eco_step_kernel, types, constexprs,
+                                                   8 if not gs else 4, meta))
+    return specs
+
+
+def _quantize_specs() -> list[KernelSpec]:
+    specs = []
+    for config in format_configs():
+        gs = config["group_size"] or 0
+        for src in GRAD_DTYPES:
+            for pass_ in ((0, 1) if gs == 0 else (1,)):
+                for rounding in (ROUNDINGS if pass_ == 1 else ("nearest",)):
+                    sr = TRITON_DTYPES[src]
+                    types = {
+                        "codes_ptr": "*u8", "scales_ptr": "*fp32", "workspace_ptr": "*i32", "grad_ptr": "*fp32",
+                        "exp_avg_ptr": "*fp32", "exp_avg_sq_ptr": "*fp32", "master_ptr": "*fp32",
+                        "src_ptr": f"*{sr}", **_STEP_INTS, **_SCALARS,
+                    }
+                    constexprs = dict(OPT=eco_step.OPT_QUANTIZE, IS_INT4=config["name"] == "int4", GROUP=gs,
+                                      BLOCK=STEP_BLOCK if gs else ROWWISE_BLOCK,
+                                      STOCHASTIC=rounding == "stochastic", HAS_MASTER=False, PASS=pass_)
+                    tag = "absmax-pass" if pass_ == 0 else rounding
+                    meta = dict(kernel="quantize", optimizer=None, format=config, rounding=rounding, state_dtype=None,
+                                grad_dtype=src, master=False, **{"pass": pass_})
+                    specs.append(_spec(f"quantize/{format_tag(config)}/{tag}/src-{sr}", eco_step.eco_step_kernel,
+                                       types, constexprs, 8 if not gs else 4, meta))
+    return specs
+
+
+def _dequantize_specs() -> list[KernelSpec]:
+    specs = []
+    for config in format_configs():
+        for out in GRAD_DTYPES:
+            ot = TRITON_DTYPES[out]
+            types = {"codes_ptr": "*u8", "scales_ptr": "*fp32", "out_ptr": f"*{ot}", "n_cols": "i32",
+                     "code_cols": "i32", "rows_per_scale": "i32"}
+            constexprs = dict(IS_INT4=config["name"] == "int4", GROUP=config["group_size"] or 0, BLOCK=STEP_BLOCK)
+            meta = dict(kernel="dequantize", optimizer=None, format=config, rounding=None, state_dtype=None,
+                        out_dtype=out, master=False, **{"pass": 1})
+            specs.append(_spec(f"dequantize/{format_tag(config)}/out-{ot}", eco_step.dequantize_kernel, types,
+                               constexprs, 4, meta))
+    return specs
+
+
+def _plain_specs() -> list[KernelSpec]:
+    specs = []
+    for opt_name, opt in OPTIMIZERS.items():
+        for param in GRAD_DTYPES:
+            for state in STATE_DTYPES:
+                pt, st = TRITON_DTYPES[param], TRITON_DTYPES[state]
+                pointers = {"param_ptr": f"*{pt}", "grad_ptr": f"*{pt}", "exp_avg_ptr": f"*{st}",
+                            "exp_avg_sq_ptr": f"*{st}"}
+                constexprs = dict(OPT=opt, BLOCK=PLAIN_BLOCK)
+                meta = dict(optimizer=opt_name, format=None, rounding=None, state_dtype=state, grad_dtype=param,
+                            master=False, **{"pass": 1})
+                specs.append(_spec(f"plain/{opt_name}/param-{pt}/state-{st}", eco_step.plain_step_kernel,
+                                   {**pointers, "numel": "i64", **_SCALARS}, constexprs, 4,
+                                   {"kernel": "plain", **meta}))
+                specs.append(_spec(f"plain_multi/{opt_name}/param-{pt}/state-{st}", eco_step.plain_multi_step_kernel,
+                                   {**pointers, "table_ptr": "*i64", **_SCALARS}, constexprs, 4,
+                                   {"kernel": "plain_multi", **meta}))
+    return specs
+
+
+SPECS: list[KernelSpec] = _step_specs() + _quantize_specs() + _dequantize_specs() + _plain_specs()
+_BY_KEY: dict = {}
+
+
+def _key(kernel, optimizer, format, rounding, state_dtype, grad_dtype, master, pass_, out_dtype=None):
+    fmt = None if format is None else (format["name"], format["group_size"])
+    return (kernel, optimizer, fmt, rounding, state_dtype, grad_dtype, master, pass_, out_dtype)
+
+
+for _s in SPECS:
+    _m = _s.meta
+    _k = _key(_m["kernel"], _m["optimizer"], _m["format"], _m["rounding"], _m["state_dtype"], _m.get("grad_dtype"),
+              _m["master"], _m["pass"], _m.get("out_dtype"))
+    if _k in _BY_KEY:
+        raise AssertionError(f"two kernel specs for {_k}")
+    _BY_KEY[_k] = _s
+
+
+def find_spec(kernel, *, optimizer=None, format=None, rounding=None, state_dtype=None, grad_dtype=None,
+              master=False, pass_=1, out_dtype=None) -> KernelSpec | None:
+    """The entry for one launch, or None when no kernel covers it (the caller falls back or raises)."""
+    if pass_ == 0:
+        rounding = "nearest"  # the absmax pass does not round
+    return _BY_KEY.get(_key(kernel, optimizer, format, rounding, state_dtype, grad_dtype, master, pass_, out_dtype))
