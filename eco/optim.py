@@ -45,7 +45,8 @@ def _select_backend(choice: str, param: torch.Tensor):
         return reference
     from . import kernels
 
-    if kernels.supports(param):
+    # backend="triton" also runs CPU tensors under TRITON_INTERPRET=1 (how the tests prove the kernels)
+    if kernels.supports(param, interpreted=choice == "triton"):
         return kernels
     if choice == "triton":
         raise RuntimeError(
@@ -162,6 +163,7 @@ class _ECOOptimizer(torch.optim.Optimizer):
                 f"{self.skipped_steps} skipped so far)", RuntimeWarning, stacklevel=2,
             )
             return loss
+        plain_batches: dict = {}  # plain params sharing backend, group and step: one call (few kernel launches)
         for group, p in work:
             state = self._state_for(p, group)
             state["step"] += 1
@@ -169,7 +171,10 @@ class _ECOOptimizer(torch.optim.Optimizer):
             if isinstance(p, QuantizedTensor):
                 self._step_quantized(backend, p, p.grad, state, group)
             else:
-                self._step_plain(backend, p, p.grad, state, group)
+                key = (backend.__name__, id(group), state["step"])
+                plain_batches.setdefault(key, (backend, group, state["step"], []))[3].append((p, state))
+        for backend, group, step, items in plain_batches.values():
+            self._step_plain(backend, [p for p, _ in items], [st for _, st in items], group, step)
         return loss
 
     def _quantized_kwargs(self, p: QuantizedTensor, state: dict, group: dict) -> dict:
@@ -182,7 +187,8 @@ class _ECOOptimizer(torch.optim.Optimizer):
     def _step_quantized(self, backend, p, grad, state, group):  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def _step_plain(self, backend, p, grad, state, group):  # pragma: no cover - abstract
+    def _step_plain(self, backend, params, states, group, step):  # pragma: no cover - abstract
+        """Plain update of ``params`` (same group and step count) in one backend call."""
         raise NotImplementedError
 
     # ------------------------------------------------------------ state_dict
@@ -303,9 +309,11 @@ class AdamW(_ECOOptimizer):
             scalars=scalars, **self._quantized_kwargs(p, state, group),
         )
 
-    def _step_plain(self, backend, p, grad, state, group):
-        scalars = self._scalars(group, state["step"], inject=False)
-        backend.plain_adamw_step_(p, grad, state["exp_avg"], state["exp_avg_sq"], scalars=scalars)
+    def _step_plain(self, backend, params, states, group, step):
+        backend.plain_adamw_steps_(
+            params, [p.grad for p in params], [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
+            scalars=self._scalars(group, step, inject=False),
+        )
 
 
 class SGD(_ECOOptimizer):
@@ -354,5 +362,6 @@ class SGD(_ECOOptimizer):
             scalars=self._scalars(group, inject=_injects(group)), **self._quantized_kwargs(p, state, group),
         )
 
-    def _step_plain(self, backend, p, grad, state, group):
-        backend.plain_sgd_step_(p, grad, state["momentum_buffer"], scalars=self._scalars(group, inject=False))
+    def _step_plain(self, backend, params, states, group, step):
+        backend.plain_sgd_steps_(params, [p.grad for p in params], [st["momentum_buffer"] for st in states],
+                                 scalars=self._scalars(group, inject=False))

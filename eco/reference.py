@@ -200,3 +200,15 @@ def plain_sgd_step_(param: torch.Tensor, grad: torch.Tensor, momentum_buf: torch
     m_new = _f32(scalars.beta) * momentum_buf.float() + _f32(scalars.one_minus_beta) * g
     param.copy_(param.float() - _f32(scalars.lr) * m_new)
     momentum_buf.copy_(m_new)
+
+
+def plain_adamw_steps_(params, grads, exp_avgs, exp_avg_sqs, *, scalars: AdamWScalars) -> None:
+    """:func:`plain_adamw_step_` for each tensor (the kernels launch many small tensors at once)."""
+    for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs, strict=True):
+        plain_adamw_step_(p, g, m, v, scalars=scalars)
+
+
+def plain_sgd_steps_(params, grads, momentum_bufs, *, scalars: SGDScalars) -> None:
+    """:func:`plain_sgd_step_` for each tensor."""
+    for p, g, m in zip(params, grads, momentum_bufs, strict=True):
+        plain_sgd_step_(p, g, m, scalars=scalars)
