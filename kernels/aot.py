@@ -202,6 +202,77 @@ class CompileError(RuntimeError):
     """A build that does not compile for a target; the message carries the compiler's."""
 
 
+# --------------------------------------------------------------------------- the kernel list
+# Integer arguments that are row lengths or element counts. Triton's launcher
+# specializes an integer that is a multiple of 16 as divisible by 16, so on
+# aligned shapes (every LLM hidden size) these carry the same hint here.
+SHAPE_ARGS = ("n_cols", "code_cols", "numel")
+# Pointer arguments that are per-element streams (the HBM traffic); the others
+# (scales, workspace, the multi-tensor table) are per row/group/tensor.
+STREAM_ARGS = ("codes_ptr", "grad_ptr", "exp_avg_ptr", "exp_avg_sq_ptr", "master_ptr", "src_ptr", "param_ptr",
+               "out_ptr")
+_TYPE_BITS = {"u8": 8, "i8": 8, "bf16": 16, "fp16": 16, "fp32": 32, "i32": 32, "i64": 64}
+
+
+def build_for_spec(spec) -> KernelBuild:
+    """The :class:`KernelBuild` of an ``eco.kernels.specs.KernelSpec`` in the aligned case.
+
+    Its pointers are 16-byte aligned (the launcher checks it) and its shape
+    arguments multiples of 16 (see ``SHAPE_ARGS``).
+    """
+    aligned = tuple(spec.aligned) + tuple(a for a in SHAPE_ARGS if a in spec.signature and a not in spec.aligned)
+    return KernelBuild.of(spec.fn, spec.signature, spec.constexprs, aligned, num_warps=spec.num_warps,
+                          options=spec.options)
+
+
+def elements_per_thread(spec) -> int:
+    """Logical elements one thread handles in one program (``BLOCK`` over the threads)."""
+    return spec.constexprs["BLOCK"] // (32 * spec.num_warps)
+
+
+def stream_element_bits(spec, arg: str) -> int:
+    """Bits of one logical element in stream ``arg`` (INT4 codes: 4)."""
+    if arg == "codes_ptr" and spec.constexprs.get("IS_INT4"):
+        return 4
+    return _TYPE_BITS[spec.signature[arg].lstrip("*")]
+
+
+def widest_access_bits(spec, arg: str) -> int:
+    """The widest access a thread's share of stream ``arg`` allows: its contiguous bits, at most 128."""
+    return min(128, elements_per_thread(spec) * stream_element_bits(spec, arg))
+
+
+def stream_bytes_per_element(spec, compiled: CompiledKernel) -> float:
+    """HBM bytes per logical element the compiled kernel moves through its per-element streams.
+
+    Read from the PTX: every global load or store of a stream, times its
+    width, per thread, over the elements a thread handles. Each element of a
+    stream is touched once per thread, so this is the traffic when nothing is
+    served from cache.
+    """
+    bits = sum(a.bits * a.count for arg in STREAM_ARGS for a in compiled.accesses.get(arg, []))
+    return bits / 8 / elements_per_thread(spec)
+
+
+def scale_bytes_per_element(spec) -> float:
+    """HBM bytes per element for the fp32 scales: a step reads and writes one per group.
+
+    Quantize only writes them, dequantize only reads them; one scale per row or
+    matrix (and the 8-byte workspace of the two-pass formats) counts as zero.
+    """
+    fmt = spec.meta.get("format") or {}
+    group = fmt.get("group_size")
+    if not group:
+        return 0.0
+    per_group = {"step": 8, "quantize": 4, "dequantize": 4}.get(spec.meta["kernel"], 0)
+    return per_group / group
+
+
+def bytes_per_element(spec, compiled: CompiledKernel) -> float:
+    """HBM bytes per element of one launch: the streams (from the PTX) plus the scales."""
+    return stream_bytes_per_element(spec, compiled) + scale_bytes_per_element(spec)
+
+
 # --------------------------------------------------------------------------- tools
 def tool_path(name: str) -> str:
     """Path of a CUDA tool shipped in the triton wheel (``cuobjdump``, ``nvdisasm``, ``ptxas``)."""
@@ -244,8 +315,8 @@ def parse_ptxas_log(text: str) -> tuple[int, int] | None:
 
 
 _SASS_RE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
-_LABEL_RE = re.compile(r"^\s*(\.L_\w+):")
-_BRANCH_TARGET_RE = re.compile(r"`\((\.L_\w+)\)")
+_LABEL_RE = re.compile(r"^\s*([.$\w]+):\s*$")
+_BRANCH_TARGET_RE = re.compile(r"`\(([^)]+)\)")
 
 
 def parse_sass(text: str) -> list[tuple[int, str, str | None]]:
@@ -286,10 +357,12 @@ def count_sass(text: str) -> dict:
 
     NOPs (alignment padding) and the ``BRA`` to itself that ends every kernel
     (a trap, never reached) are not counted. A loop is a backward branch: the
-    instructions from its target to the branch form the body. A subroutine is
-    the code from a ``CALL`` target to the next ``RET``: in these kernels only
-    the slow paths of IEEE division and square root (``div_rn``/``sqrt_rn``
-    with denormal, huge or special operands), which normal values never take.
+    instructions from its target to the branch form the body. Slow paths are
+    the subroutines (from a ``CALL`` target to the next ``RET``: in these
+    kernels only the IEEE division and square root of ``div_rn``/``sqrt_rn``
+    for denormal, huge or special operands, which normal values never take)
+    and, around each ``CALL``, the code the innermost forward branch jumps over
+    (the argument moves and the call itself); they are counted apart.
     """
     instructions = parse_sass(text)
     counted = []
@@ -308,6 +381,13 @@ def count_sass(text: str) -> dict:
 
     def inside(addr, ranges):
         return any(lo <= addr <= hi for lo, hi in ranges)
+
+    skips = [(a, t) for a, op, t in counted if op == "BRA" and t is not None and t > a]
+    for call in (a for a, op, _ in counted if op == "CALL" and not inside(a, subroutines)):
+        around = [(a, t) for a, t in skips if a < call < t]
+        if around:  # the innermost branch that jumps over the call: its body is the call site
+            a, t = min(around, key=lambda r: r[1] - r[0])
+            subroutines.append((a + 1, t - 1))
 
     loops = [(t, a) for a, op, t in counted if op == "BRA" and t is not None and t < a and not inside(a, subroutines)]
     ops: dict[str, int] = {}

@@ -1,0 +1,200 @@
+"""Static report of the optimizer's kernels on real GPU targets, compiled here without a GPU.
+
+    python bench/kernel_report.py                      # every specialization x sm_80, sm_90, sm_100
+    python bench/kernel_report.py --targets sm_90 --match '^adamw/'   # a slice, printed only
+
+For each kernel specialization of ``eco.kernels.SPECS`` and each target:
+registers, spills, local and shared memory, occupancy, SASS instructions per
+element, HBM bytes per element, and a roofline estimate on an H100 SXM (every
+target is estimated on the H100 model: the SASS differs per target, the
+machine does not). Row-wise and tensor-wise formats take two launches per
+step (an absmax pass, then the storing pass); the "steps" section adds the two.
+The full run writes ``bench/results/kernel_report.json``.
+
+These are static estimates, not measurements: instruction counts are every
+SASS instruction of the kernel (slow-path subroutines of IEEE div/sqrt left
+out), as if each executed once per program; memory time assumes the full
+HBM bandwidth. A GPU run has the last word.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import triton
+from eco.kernels import SPECS
+from eco.kernels.aot import (
+    H100_SXM,
+    STREAM_ARGS,
+    TARGETS,
+    build_for_spec,
+    bytes_per_element,
+    compile_jobs,
+    elements_per_thread,
+)
+from eco.kernels.specs import format_tag
+
+RESULT = Path(__file__).parent / "results" / "kernel_report.json"
+# torch.optim.AdamW(fused=True) with fp32 master weights: read g 2, master 4, m 4, v 4;
+# write master 4, m 4, v 4, bf16 weight 2 (the kernel module docstring counts the same).
+TORCH_FUSED_ADAMW_BYTES = 28.0
+
+
+def _dtype(d) -> str | None:
+    return None if d is None else str(d).replace("torch.", "")
+
+
+def record(spec, compiled) -> dict:
+    meta = spec.meta
+    row = {
+        "kernel": spec.name,
+        "function": spec.fn.fn.__name__ if hasattr(spec.fn, "fn") else spec.fn.__name__,
+        "target": compiled.target,
+        "kind": meta["kernel"],
+        "optimizer": meta.get("optimizer"),
+        "format": format_tag(meta["format"]) if meta.get("format") else None,
+        "rounding": meta.get("rounding"),
+        "state_dtype": _dtype(meta.get("state_dtype")),
+        "grad_dtype": _dtype(meta.get("grad_dtype")),
+        "master": meta.get("master"),
+        "pass": meta.get("pass"),
+        "num_warps": spec.num_warps,
+        "elements_per_thread": elements_per_thread(spec),
+        "error": compiled.error,
+    }
+    if compiled.error:
+        return row
+    sass = compiled.sass_per_element(elements_per_thread(spec))
+    nbytes = bytes_per_element(spec, compiled)
+    roof = H100_SXM.roofline(nbytes, sass)
+    row.update(
+        registers=compiled.registers,
+        spill_bytes=compiled.spill_bytes,
+        local_bytes=compiled.local_bytes,
+        stack_bytes=compiled.stack_bytes,
+        shared_bytes=compiled.shared_bytes,
+        occupancy_warps=compiled.occupancy_warps,
+        sass_total=compiled.sass_total,
+        sass_in_subroutines=compiled.sass_in_subroutines,
+        sass_per_element=round(sass, 2),
+        bytes_per_element=round(nbytes, 4),
+        instructions_per_byte=round(roof["instructions_per_byte"], 2),
+        params_per_s=round(roof["params_per_s"]),
+        bound=roof["bound"],
+        stream_access_bits={a: sorted(compiled.access_bits(a)) for a in STREAM_ARGS if a in compiled.accesses},
+    )
+    return row
+
+
+def steps(records: list[dict]) -> list[dict]:
+    """One row per optimizer step variant and target: the absmax pass (if any) plus the storing pass."""
+    absmax = {}
+    for r in records:
+        if r["kind"] == "step" and r["pass"] == 0 and not r["error"]:
+            absmax[(r["optimizer"], r["format"], r["state_dtype"], r["grad_dtype"], r["master"], r["target"])] = r
+    out = []
+    for r in records:
+        if r["kind"] != "step" or r["pass"] != 1 or r["error"]:
+            continue
+        first = absmax.get((r["optimizer"], r["format"], r["state_dtype"], r["grad_dtype"], r["master"], r["target"]))
+        launches = [first, r] if first else [r]
+        sass = sum(x["sass_per_element"] for x in launches)
+        nbytes = sum(x["bytes_per_element"] for x in launches)
+        roof = H100_SXM.roofline(nbytes, sass)
+        out.append({
+            "step": r["kernel"], "target": r["target"], "optimizer": r["optimizer"], "format": r["format"],
+            "rounding": r["rounding"], "state_dtype": r["state_dtype"], "grad_dtype": r["grad_dtype"],
+            "master": r["master"], "launches": len(launches), "sass_per_element": round(sass, 2),
+            "bytes_per_element": round(nbytes, 4), "instructions_per_byte": round(sass / nbytes, 2),
+            "params_per_s": round(roof["params_per_s"]), "bound": roof["bound"],
+            # the acceptance bar: at most half the machine's instructions-per-byte balance
+            "within_half_balance": sass / nbytes <= H100_SXM.instructions_per_byte / 2,
+        })
+    return out
+
+
+def print_steps(rows: list[dict]) -> None:
+    header = f"{'step (H100 SXM roofline)':58} {'tgt':6} {'launch':>6} {'SASS/el':>8} {'B/el':>6} {'instr/B':>7} " \
+             f"{'Gparam/s':>9} {'bound':>11} {'<=half':>6}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r['step']:58} {r['target']:6} {r['launches']:>6} {r['sass_per_element']:8.1f} "
+              f"{r['bytes_per_element']:6.2f} {r['instructions_per_byte']:7.2f} {r['params_per_s'] / 1e9:9.1f} "
+              f"{r['bound']:>11} {'yes' if r['within_half_balance'] else 'NO':>6}")
+    torch_rate = H100_SXM.roofline(TORCH_FUSED_ADAMW_BYTES, None)["params_per_s"]
+    print(f"{'torch fused AdamW, fp32 master (memory only)':58} {'sm_90':6} {'':>6} {'n/a':>8} "
+          f"{TORCH_FUSED_ADAMW_BYTES:6.2f} {'n/a':>7} {torch_rate / 1e9:9.1f} {'memory':>11}")
+
+
+def print_launches(records: list[dict]) -> None:
+    header = f"{'kernel':58} {'tgt':6} {'regs':>4} {'spill':>5} {'local':>5} {'smem':>5} {'occ':>3} " \
+             f"{'SASS/el':>8} {'B/el':>6} {'Gparam/s':>9} {'bound':>11}"
+    print(header)
+    print("-" * len(header))
+    for r in records:
+        if r["error"]:
+            print(f"{r['kernel']:58} {r['target']:6} FAILED: {r['error'].splitlines()[-1][:80]}")
+            continue
+        print(f"{r['kernel']:58} {r['target']:6} {r['registers']:4} {r['spill_bytes']:5} {r['local_bytes']:5} "
+              f"{r['shared_bytes']:5} {r['occupancy_warps']:3} {r['sass_per_element']:8.1f} "
+              f"{r['bytes_per_element']:6.2f} {r['params_per_s'] / 1e9:9.1f} {r['bound']:>11}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--targets", nargs="+", default=list(TARGETS), choices=list(TARGETS))
+    parser.add_argument("--match", default=None, help="only specializations whose name matches this regex")
+    parser.add_argument("--workers", type=int, default=None, help="compile processes (default: one per CPU)")
+    parser.add_argument("--launches", action="store_true", help="also print one row per launch")
+    args = parser.parse_args(argv)
+
+    specs = [s for s in SPECS if args.match is None or re.search(args.match, s.name)]
+    full = args.match is None and args.targets == list(TARGETS)
+    jobs = [(s, t) for s in specs for t in args.targets]
+    started = time.perf_counter()
+    compiled = compile_jobs([(build_for_spec(s), t) for s, t in jobs], workers=args.workers)
+    seconds = time.perf_counter() - started
+    records = [record(s, c) for (s, _), c in zip(jobs, compiled, strict=True)]
+    step_rows = steps(records)
+
+    if args.launches:
+        print_launches(records)
+        print()
+    print_steps([r for r in step_rows if r["target"] == "sm_90"] or step_rows)
+    failed = [r for r in records if r["error"]]
+    spilled = [r for r in records if not r["error"] and (r["spill_bytes"] or r["local_bytes"])]
+    adamw_90 = [r for r in step_rows if r["optimizer"] == "adamw" and r["target"] == "sm_90"]
+    print(f"\n{len(records)} launches compiled in {seconds:.0f} s ({len(failed)} failed, {len(spilled)} spill "
+          f"or use local memory); H100 balance {H100_SXM.instructions_per_byte:.2f} instr/byte.")
+    if adamw_90:
+        missing = [r for r in adamw_90 if not r["within_half_balance"]]
+        print(f"sm_90 AdamW steps within half the balance: {len(adamw_90) - len(missing)} of {len(adamw_90)}.")
+
+    if full:
+        RESULT.parent.mkdir(parents=True, exist_ok=True)
+        RESULT.write_text(json.dumps({
+            "triton_version": triton.__version__,
+            "command": "python bench/kernel_report.py",
+            "compile_seconds": round(seconds),
+            "machine": {"name": H100_SXM.name, "hbm_bytes_per_s": H100_SXM.hbm_bytes_per_s, "sms": H100_SXM.sms,
+                        "clock_hz": H100_SXM.clock_hz,
+                        "warp_instructions_per_clock_per_sm": H100_SXM.warp_instructions_per_clock_per_sm,
+                        "instructions_per_byte": H100_SXM.instructions_per_byte},
+            "note": "static estimates from the compiled code, not GPU measurements",
+            "torch_fused_adamw_fp32_master": {"bytes_per_element": TORCH_FUSED_ADAMW_BYTES, "bound": "memory",
+                                              "params_per_s": round(H100_SXM.roofline(28.0, None)["params_per_s"])},
+            "records": records,
+            "steps": step_rows,
+        }, indent=1) + "\n")
+        print(f"wrote {RESULT}")
+    return 1 if failed or spilled else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
