@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -100,6 +100,7 @@ class _ECOOptimizer(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         params = param_group["params"]
         params = [params] if isinstance(params, torch.Tensor) else list(params)
+        param_group = {**param_group, "params": params}  # a generator is consumed once, here
         for p in params:
             if not p.is_floating_point():
                 raise TypeError(
@@ -125,7 +126,6 @@ class _ECOOptimizer(torch.optim.Optimizer):
             for name in self.moment_names:
                 state[name] = torch.zeros(p.shape, dtype=self.state_dtype, device=p.device)
             if isinstance(p, QuantizedTensor):
-                state["format"] = p.fmt.config()
                 if group["master_weights"]:
                     state["master"] = p.dequantize(torch.float32)
         return state
@@ -195,6 +195,7 @@ class _ECOOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> dict:
         sd = super().state_dict()
         sd["eco_generator_state"] = self.generator.get_state()
+        sd["eco_formats"] = self._formats()
         sd["eco_skipped_steps"] = self.skipped_steps
         return sd
 
@@ -203,7 +204,8 @@ class _ECOOptimizer(torch.optim.Optimizer):
         state_dict = dict(state_dict)
         generator_state = state_dict.pop("eco_generator_state", None)
         skipped = state_dict.pop("eco_skipped_steps", 0)
-        self._check_compatible(state_dict)
+        formats = state_dict.pop("eco_formats", None)
+        self._check_compatible(state_dict, formats)
         saved_dtypes = {
             pid: {k: v.dtype for k, v in st.items() if isinstance(v, torch.Tensor)}
             for pid, st in state_dict["state"].items()
@@ -218,16 +220,21 @@ class _ECOOptimizer(torch.optim.Optimizer):
             self.generator.set_state(generator_state)
         self.skipped_steps = skipped
 
+    def _formats(self) -> list:
+        """The quantization format of every parameter, in param-group order (None: unquantized)."""
+        return [p.fmt.config() if isinstance(p, QuantizedTensor) else None
+                for g in self.param_groups for p in g["params"]]
+
     def _saved_id_to_param(self, state_dict: dict) -> dict:
         saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
         current = [p for g in self.param_groups for p in g["params"]]
-        return dict(zip(saved_ids, current))
+        return dict(zip(saved_ids, current, strict=False))
 
-    def _check_compatible(self, state_dict: dict) -> None:
+    def _check_compatible(self, state_dict: dict, formats: list | None) -> None:
         """Refuse a state_dict of another model or format before anything is changed."""
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups) or any(
-            len(s["params"]) != len(g["params"]) for s, g in zip(saved_groups, self.param_groups)
+            len(s["params"]) != len(g["params"]) for s, g in zip(saved_groups, self.param_groups, strict=False)
         ):
             raise ValueError(
                 "this optimizer state_dict has a different number of parameter groups or parameters; "
@@ -239,19 +246,21 @@ class _ECOOptimizer(torch.optim.Optimizer):
                 continue
             for name in self.moment_names:
                 if name not in saved:
-                    raise ValueError(f"saved state of parameter {pid} lacks {name!r}: not a {type(self).__name__} state_dict")
+                    raise ValueError(
+                        f"saved state of parameter {pid} lacks {name!r}: not a {type(self).__name__} state_dict"
+                    )
                 if tuple(saved[name].shape) != tuple(p.shape):
                     raise ValueError(
                         f"saved {name} of parameter {pid} has shape {tuple(saved[name].shape)} but the parameter "
                         f"has shape {tuple(p.shape)}: the state_dict belongs to another model"
                     )
-            saved_fmt = saved.get("format")
-            current_fmt = p.fmt.config() if isinstance(p, QuantizedTensor) else None
-            if saved_fmt != current_fmt:
-                raise ValueError(
-                    f"parameter {pid} was saved with format {saved_fmt} but is now {current_fmt}: quantize the "
-                    "model with the same format as when the optimizer state was saved"
-                )
+        if formats is not None:
+            for index, (saved_fmt, current_fmt) in enumerate(zip(formats, self._formats(), strict=False)):
+                if saved_fmt != current_fmt:
+                    raise ValueError(
+                        f"parameter {index} was saved with format {saved_fmt} but is now {current_fmt}: quantize "
+                        "the model with the same format as when the optimizer state was saved"
+                    )
 
 
 class AdamW(_ECOOptimizer):

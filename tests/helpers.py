@@ -1,0 +1,28 @@
+"""Small shared builders for the tests."""
+
+import torch
+import torch.nn as nn
+
+import eco
+
+FORMATS = {
+    "fp8_row": eco.FP8(),
+    "fp8_block32": eco.FP8(block_size=32),
+    "int4_tensor": eco.INT4(),
+    "int4_group32": eco.INT4(group_size=32),
+}
+
+
+def mlp(sizes=(16, 64, 64, 4), seed=0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    layers = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=False)):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers.append(nn.Tanh())
+    return nn.Sequential(*layers)
+
+
+def grid_values(qt: eco.QuantizedTensor) -> torch.Tensor:
+    """The integer/fp8 grid values (codes as fp32, INT4 unpacked)."""
+    return qt.fmt.decode(qt.codes, qt.shape)
