@@ -2,6 +2,7 @@
 
 import torch as _torch
 
+from .export import export, load_compact
 from .formats import FP8, INT4, QuantFormat
 from .memory import MemoryReport, memory_report
 from .optim import SGD, AdamW
@@ -14,5 +15,5 @@ _torch.serialization.add_safe_globals([_rebuild_quantized])
 
 __all__ = [
     "FP8", "INT4", "QuantFormat", "QuantizedTensor", "quantize_", "quantized_parameters",
-    "AdamW", "SGD", "memory_report", "MemoryReport",
+    "AdamW", "SGD", "memory_report", "MemoryReport", "export", "load_compact",
 ]
