@@ -20,6 +20,7 @@ HBM bandwidth. A GPU run has the last word.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import re
 import sys
@@ -40,9 +41,16 @@ from eco.kernels.aot import (
 from eco.kernels.specs import format_tag
 
 RESULT = Path(__file__).parent / "results" / "kernel_report.json"
+KERNEL_SOURCES = ("eco_step.py", "e4m3.py", "specs.py")
 # torch.optim.AdamW(fused=True) with fp32 master weights: read g 2, master 4, m 4, v 4;
 # write master 4, m 4, v 4, bf16 weight 2 (the kernel module docstring counts the same).
 TORCH_FUSED_ADAMW_BYTES = 28.0
+
+
+def kernel_source_digest() -> str:
+    """sha256 of the kernel sources the report was compiled from (to tell a stale report)."""
+    root = Path(__file__).resolve().parent.parent / "kernels"
+    return hashlib.sha256(b"".join((root / name).read_bytes() for name in KERNEL_SOURCES)).hexdigest()[:16]
 
 
 def _dtype(d) -> str | None:
@@ -182,6 +190,7 @@ def main(argv=None) -> int:
             "triton_version": triton.__version__,
             "command": "python bench/kernel_report.py",
             "compile_seconds": round(seconds),
+            "kernel_source_sha256": kernel_source_digest(),
             "machine": {"name": H100_SXM.name, "hbm_bytes_per_s": H100_SXM.hbm_bytes_per_s, "sms": H100_SXM.sms,
                         "clock_hz": H100_SXM.clock_hz,
                         "warp_instructions_per_clock_per_sm": H100_SXM.warp_instructions_per_clock_per_sm,
