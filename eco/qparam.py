@@ -15,7 +15,7 @@ knows nothing about optimizers.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn

@@ -192,7 +192,9 @@ def plain_adamw_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Te
 
 
 @torch.no_grad()
-def plain_sgd_step_(param: torch.Tensor, grad: torch.Tensor, momentum_buf: torch.Tensor, *, scalars: SGDScalars) -> None:
+def plain_sgd_step_(
+    param: torch.Tensor, grad: torch.Tensor, momentum_buf: torch.Tensor, *, scalars: SGDScalars
+) -> None:
     """SGD with EMA momentum (torch SGD with ``dampening=momentum``) for an unquantized parameter."""
     g = grad.float()
     if scalars.weight_decay != 0.0:

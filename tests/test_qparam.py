@@ -1,0 +1,153 @@
+"""Quantized weights behave like weights to the model's own code."""
+
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn as nn
+
+import eco
+
+
+class TinyBlockModel(nn.Module):
+    """Embedding, a block with norm + linears + fused 3-D experts indexed per expert, and an output head."""
+
+    def __init__(self, vocab=32, dim=16, experts=4, hidden=32):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.proj = nn.Linear(dim, dim)
+        self.gate_up_proj = nn.Parameter(torch.randn(experts, 2 * hidden, dim) / dim**0.5)
+        self.down_proj = nn.Parameter(torch.randn(experts, dim, hidden) / hidden**0.5)
+        self.lm_head = nn.Linear(dim, vocab, bias=False)
+
+    def forward(self, tokens, expert_ids):
+        h = self.proj(self.norm(self.embed(tokens)))
+        out = torch.zeros_like(h)
+        for e in expert_ids.unique().tolist():  # transformers-style: index the fused tensor per expert
+            mask = expert_ids == e
+            gate, up = nn.functional.linear(h[mask], self.gate_up_proj[e]).chunk(2, dim=-1)
+            out[mask] = nn.functional.linear(nn.functional.silu(gate) * up, self.down_proj[e])
+        return self.lm_head(h + out)
+
+
+def batch():
+    gen = torch.Generator().manual_seed(0)
+    return torch.randint(0, 32, (2, 6), generator=gen), torch.tensor([[0, 1, 1, 3, 0, 1], [1, 0, 3, 3, 1, 0]])
+
+
+def test_default_filter_quantizes_block_linears_and_experts_only():
+    model = eco.quantize_(TinyBlockModel(), eco.INT4(group_size=16))
+    quantized = {name for name, _ in eco.quantized_parameters(model)}
+    assert quantized == {"proj.weight", "gate_up_proj", "down_proj"}
+    assert type(model.embed.weight) is nn.Parameter and type(model.lm_head.weight) is nn.Parameter
+
+
+def test_filter_fn_overrides_the_default():
+    model = eco.quantize_(TinyBlockModel(), eco.FP8(), filter_fn=lambda name, p: name == "lm_head.weight")
+    assert {name for name, _ in eco.quantized_parameters(model)} == {"lm_head.weight"}
+
+
+def test_forward_matches_dequantized_model_and_grads_are_plain_tensors():
+    model = eco.quantize_(TinyBlockModel(), eco.FP8())
+    reference = copy.deepcopy(model)
+    for name, p in eco.quantized_parameters(reference):
+        module_name, _, leaf = name.rpartition(".")
+        owner = reference.get_submodule(module_name) if module_name else reference
+        setattr(owner, leaf, nn.Parameter(p.dequantize()))
+    tokens, experts = batch()
+    out = model(tokens, experts)
+    torch.testing.assert_close(out, reference(tokens, experts))
+    out.square().mean().backward()
+    for name, p in model.named_parameters():
+        assert type(p.grad) is torch.Tensor and p.grad.dtype == p.dtype and p.grad.shape == p.shape, name
+    # Experts 0, 1, 3 were routed to; expert 2 was not.
+    assert model.gate_up_proj.grad[[0, 1, 3]].abs().sum(dim=(1, 2)).gt(0).all()
+    assert model.gate_up_proj.grad[2].abs().sum() == 0
+
+
+def test_expert_indexing_dequantizes_only_the_selected_expert():
+    qt = eco.QuantizedTensor.from_float(torch.randn(4, 8, 16), eco.INT4())
+    calls = []
+    original = eco.QuantizedTensor.dequantize
+
+    def spy(self, dtype=None):
+        calls.append(tuple(self.shape))
+        return original(self, dtype)
+
+    eco.QuantizedTensor.dequantize = spy
+    try:
+        one = qt[2]
+        some = qt[torch.tensor([0, 3])]
+        sliced = qt[1:3]
+    finally:
+        eco.QuantizedTensor.dequantize = original
+    assert calls == [(8, 16), (2, 8, 16), (2, 8, 16)]
+    full = qt.dequantize()
+    assert torch.equal(one, full[2]) and torch.equal(some, full[[0, 3]]) and torch.equal(sliced, full[1:3])
+
+
+def test_state_dict_round_trip_through_torch_save():
+    model = eco.quantize_(TinyBlockModel(), eco.INT4(group_size=16))
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    buf.seek(0)
+    loaded = torch.load(buf)  # weights_only=True by default
+    fresh = eco.quantize_(TinyBlockModel(), eco.INT4(group_size=16))
+    fresh.load_state_dict(loaded)
+    for (name, a), (_, b) in zip(eco.quantized_parameters(model), eco.quantized_parameters(fresh), strict=True):
+        assert torch.equal(a.codes, b.codes) and torch.equal(a.scales, b.scales), name
+
+
+def test_load_float_state_dict_into_quantized_model_quantizes_it():
+    float_model = TinyBlockModel()
+    model = eco.quantize_(copy.deepcopy(float_model), eco.FP8())
+    model.proj.weight.codes.zero_()
+    model.load_state_dict(float_model.state_dict())
+    expected = eco.QuantizedTensor.from_float(float_model.proj.weight.detach(), eco.FP8())
+    assert torch.equal(model.proj.weight.codes.view(torch.uint8), expected.codes.view(torch.uint8))
+
+
+def test_deepcopy_is_independent():
+    model = eco.quantize_(TinyBlockModel(), eco.FP8())
+    clone = copy.deepcopy(model)
+    clone.proj.weight.codes.zero_()
+    assert model.proj.weight.codes.float().abs().sum() > 0
+    assert clone.proj.weight.requires_grad
+
+
+def test_to_device_and_dtype_keep_codes():
+    model = eco.quantize_(TinyBlockModel(), eco.FP8())
+    codes = model.proj.weight.codes.clone()
+    model.to("cpu")
+    model.to(torch.bfloat16)
+    w = model.proj.weight
+    assert isinstance(w, eco.QuantizedTensor) and w.dtype == torch.bfloat16 and w.device.type == "cpu"
+    assert torch.equal(w.codes.view(torch.uint8), codes.view(torch.uint8))
+    assert w.dequantize().dtype == torch.bfloat16
+    tokens, experts = batch()
+    assert model(tokens, experts).dtype == torch.bfloat16
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device to move to")
+def test_to_cuda_moves_codes_and_scales():
+    model = eco.quantize_(TinyBlockModel(), eco.FP8()).cuda()
+    assert model.proj.weight.codes.is_cuda and model.proj.weight.scales.is_cuda
+
+
+def test_tied_weights_stay_tied_or_unquantized():
+    model = TinyBlockModel()
+    model.lm_head.weight = model.embed.weight
+    eco.quantize_(model, eco.FP8())
+    assert model.lm_head.weight is model.embed.weight and type(model.embed.weight) is nn.Parameter
+
+
+def test_an_eco_step_changes_the_forward():
+    model = eco.quantize_(TinyBlockModel(), eco.FP8())
+    opt = eco.AdamW(model.parameters(), lr=1e-2, rounding="nearest")
+    tokens, experts = batch()
+    before = model(tokens, experts).detach()
+    model(tokens, experts).square().mean().backward()
+    opt.step()
+    assert not torch.equal(model(tokens, experts), before)
