@@ -75,10 +75,12 @@ def _export_dequantized(model: nn.Module, folder: Path, dtype: torch.dtype) -> N
     config = getattr(model, "config", None)
     if hasattr(model, "save_pretrained") and config is not None:
         # The model's own writer: config, sharding, tied weights, original checkpoint naming.
+        # It records the dtype of the live parameters; the file holds ``dtype``, so the config says so.
         saved_dtype = getattr(config, "dtype", None)
-        config.dtype = dtype
         try:
             model.save_pretrained(folder, state_dict=state)
+            config.dtype = dtype
+            config.save_pretrained(folder)
         finally:
             config.dtype = saved_dtype
         return
