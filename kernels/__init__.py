@@ -112,6 +112,34 @@ def supports(param: torch.Tensor, interpreted: bool = False) -> bool:
     return interpreted and interpreter_enabled() and param.device.type == "cpu"
 
 
+# ---------------------------------------------------------------- bytes moved
+def step_bytes(fmt: QuantFormat, shape, *, optimizer: str = "adamw", state_dtype=torch.bfloat16,
+               grad_dtype=torch.bfloat16) -> int:
+    """HBM bytes one fused step of a quantized weight moves (the model behind the module docstring's table).
+
+    Reads gradient, codes, scales and moments; writes codes, scales and
+    moments. Row-wise FP8 and tensor-wise INT4 read gradient, codes and
+    moments a second time (pass 0), counted in full.
+    """
+    n = math.prod(shape)
+    codes = math.prod(fmt.code_shape(shape))
+    scales = 4 * math.prod(fmt.scale_shape(shape))
+    grad = n * torch.finfo(grad_dtype).bits // 8
+    moments = n * torch.finfo(state_dtype).bits // 8 * (2 if optimizer == "adamw" else 1)
+    total = (grad + codes + moments + scales) + (codes + moments + scales)
+    if fmt.row_group is None:
+        total += grad + codes + moments + scales
+    return total
+
+
+def plain_step_bytes(numel: int, *, optimizer: str = "adamw", param_dtype=torch.float32, grad_dtype=None,
+                     state_dtype=torch.float32) -> int:
+    """HBM bytes of a plain (unquantized) step: read p, g, m(, v); write p, m(, v)."""
+    size = lambda dtype: torch.finfo(dtype).bits // 8
+    moments = numel * size(state_dtype) * (2 if optimizer == "adamw" else 1)
+    return 2 * numel * size(param_dtype) + numel * size(grad_dtype or param_dtype) + 2 * moments
+
+
 # ---------------------------------------------------------------- launching
 def _triton_type(t: torch.Tensor) -> str:
     return "*" + _TORCH_TO_TRITON.get(t.dtype, str(t.dtype))
@@ -378,5 +406,5 @@ def plain_sgd_steps_(params, grads, momentum_bufs, *, scalars: reference.SGDScal
 __all__ = [
     "SPECS", "KernelSpec", "find_spec", "supports", "unavailable_reason", "interpreter_enabled", "has_kernel",
     "adamw_step_", "sgd_step_", "plain_adamw_step_", "plain_sgd_step_", "plain_adamw_steps_", "plain_sgd_steps_",
-    "quantize", "dequantize", "launch",
+    "quantize", "dequantize", "launch", "step_bytes", "plain_step_bytes",
 ]

@@ -353,3 +353,27 @@ def test_reference_scales_use_ieee_division():
         a = absmax.double()
         assert torch.equal(scale, (a / fmt.rho).float())
         assert torch.equal(inv_scale, (fmt.rho / a).float())
+
+
+def test_bytes_table_in_the_docstring_matches_step_bytes():
+    """The module docstring's bytes-per-parameter table is what ``step_bytes`` computes (large weight, bf16 grad)."""
+    shape = (4096, 4096)
+    rows = {
+        ("adamw", torch.bfloat16): {"FP8": (12, 19), "INT4": (11, 17.5)},
+        ("adamw", torch.float32): {"FP8": (20, 31), "INT4": (19, 29.5)},
+        ("sgd", torch.bfloat16): {"FP8": (8, 13), "INT4": (7, 11.5)},
+        ("sgd", torch.float32): {"FP8": (12, 19), "INT4": (11, 17.5)},
+    }
+    for (optimizer, state), by_format in rows.items():
+        for name, (grouped, rowwise) in by_format.items():
+            line = [ln for ln in kernels.__doc__.splitlines()
+                    if ln.startswith(f"{'AdamW' if optimizer == 'adamw' else 'SGD'}, "
+                                     f"{'bf16' if state == torch.bfloat16 else 'fp32'} m") and f" {name} " in ln]
+            assert len(line) == 1 and f" {grouped:g} " in line[0] and f" {rowwise:g} (" in line[0], line
+            fmt_grouped = eco.FP8(block_size=128) if name == "FP8" else eco.INT4(group_size=128)
+            fmt_rowwise = eco.FP8() if name == "FP8" else eco.INT4()
+            per_param = [kernels.step_bytes(f, shape, optimizer=optimizer, state_dtype=state) / 4096**2
+                         for f in (fmt_grouped, fmt_rowwise)]
+            assert abs(per_param[0] - grouped) < 0.07
+            assert abs(per_param[1] - rowwise) < 0.01
+    assert kernels.plain_step_bytes(10) == 280  # fp32 AdamW: 28 bytes per element
