@@ -89,10 +89,18 @@ class QuantizedTensor(torch.Tensor):
         handler = _HANDLERS.get(func)
         if handler is not None:
             return handler(func, args, kwargs)
-        # Everything else: run the op on the dequantized values.
+        # Everything else: run the op on the dequantized values. An in-place op
+        # (``w.mul_(2)``, ``nn.init.zeros_(w)``) is re-quantized into the codes, not lost.
         def unwrap(t):
             return t.dequantize() if isinstance(t, QuantizedTensor) else t
-        return func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs))
+        plain_args, plain_kwargs = tree_map(unwrap, args), tree_map(unwrap, kwargs)
+        out = func(*plain_args, **plain_kwargs)
+        for spec, arg, plain in zip(func._schema.arguments, args, plain_args, strict=False):
+            if isinstance(arg, QuantizedTensor) and spec.alias_info is not None and spec.alias_info.is_write:
+                _store_(arg, plain)
+                if out is plain:
+                    out = arg
+        return out
 
 
 def _rebuild_quantized(codes, scales, fmt_config, shape, dtype_name, requires_grad):
@@ -135,6 +143,15 @@ def _to_copy(func, args, kwargs):
     return src._with(src.codes.to(device), src.scales.to(device), dtype=dtype)
 
 
+def _store_(dst: QuantizedTensor, values: torch.Tensor) -> None:
+    """Quantize ``values`` (round to nearest) into ``dst``'s codes and scales."""
+    if not torch.isfinite(values).all():
+        raise ValueError("cannot store NaN or inf into a quantized weight; its codes were left unchanged")
+    codes, scales = dst.fmt.quantize(values.to(dst.device).float())
+    dst.codes.copy_(codes)
+    dst.scales.copy_(scales)
+
+
 @_handles(aten.copy_.default)
 def _copy_(func, args, kwargs):
     """``load_state_dict`` copies into parameters: take codes and scales, or quantize a float source."""
@@ -144,10 +161,7 @@ def _copy_(func, args, kwargs):
             dst.codes.copy_(src.codes)
             dst.scales.copy_(src.scales)
         else:
-            values = src.dequantize() if isinstance(src, QuantizedTensor) else src
-            codes, scales = dst.fmt.quantize(values.to(dst.device).float())
-            dst.codes.copy_(codes)
-            dst.scales.copy_(scales)
+            _store_(dst, src.dequantize() if isinstance(src, QuantizedTensor) else src)
         return dst
     return dst.copy_(src.dequantize())
 

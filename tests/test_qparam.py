@@ -151,3 +151,17 @@ def test_an_eco_step_changes_the_forward():
     model(tokens, experts).square().mean().backward()
     opt.step()
     assert not torch.equal(model(tokens, experts), before)
+
+
+def test_in_place_ops_are_requantized_not_lost():
+    w = eco.QuantizedTensor.from_float(torch.randn(4, 32), eco.FP8())
+    before = w.dequantize()
+    with torch.no_grad():
+        w.mul_(0.5)
+    torch.testing.assert_close(w.dequantize(), before * 0.5)
+    lin = eco.quantize_(nn.Linear(32, 4), eco.INT4(group_size=16))
+    nn.init.zeros_(lin.weight)
+    assert not lin.weight.dequantize().any()
+    with pytest.raises(ValueError, match="NaN or inf"), torch.no_grad():
+        lin.weight.add_(float("nan"))
+    assert not lin.weight.dequantize().any()
