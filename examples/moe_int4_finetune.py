@@ -181,6 +181,40 @@ def expert_memory(model, optimizer) -> eco.MemoryReport:
     return eco.memory_report(experts, state_view)
 
 
+MEMORY_SETTINGS = [
+    # (label, quantize the experts?, optimizer factory)
+    ("fp32 weights + torch AdamW (fp32 states)", False,
+     lambda params: torch.optim.AdamW(params, lr=1e-3)),
+    ("INT4 + fp32 master, fp32 states", True,
+     lambda params: eco.AdamW(params, lr=1e-3, master_weights=True)),
+    ("ECO INT4, fp32 states", True, lambda params: eco.AdamW(params, lr=1e-3)),
+    ("ECO INT4, bf16 states", True, lambda params: eco.AdamW(params, lr=1e-3, state_dtype=torch.bfloat16)),
+]
+
+
+def memory_table(args) -> list[tuple[str, eco.MemoryReport]]:
+    """Static bytes per expert parameter in each setting, measured with eco.memory_report after one step."""
+    from transformers import MixtralForCausalLM
+
+    rows = []
+    for label, quantize, make_optimizer in MEMORY_SETTINGS:
+        torch.manual_seed(args.seed)
+        model = MixtralForCausalLM(tiny_mixtral_config(ByteTokenizer.vocab_size, args.hidden, args.layers,
+                                                       args.experts))
+        if quantize:
+            eco.quantize_(model, eco.INT4(group_size=args.group_size), filter_fn=expert_filter)
+        optimizer = make_optimizer(model.parameters())
+        batch = torch.randint(0, ByteTokenizer.vocab_size, (2, 16))
+        lm_loss(model, batch).backward()
+        optimizer.step()
+        rows.append((label, expert_memory(model, optimizer)))
+    print(f"static memory of the expert weights + their optimizer state, {eco.INT4(group_size=args.group_size)}")
+    print(f"{'setting':<44}{'bytes/param':>12}{'GB per 1e9 expert params':>26}")
+    for label, report in rows:
+        print(f"{label:<44}{report.bytes_per_param:>12.3f}{report.bytes_per_param:>26.2f}")
+    return rows
+
+
 # ---------------------------------------------------------------- arms
 def finetune_arm(arm: str, load_model, train_tokens, eval_sets, args, device) -> dict:
     model = load_model()
@@ -228,6 +262,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", help="local Hugging Face MoE checkpoint (default: a tiny Mixtral pre-trained here)")
     p.add_argument("--dataset", help="UTF-8 text file to fine-tune on (default: the stdlib's pydoc topics)")
+    p.add_argument("--byte-tokens", action="store_true",
+                   help="with --model: tokens are raw bytes (a model saved by this script has no tokenizer)")
     p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {','.join(ARMS)}")
     p.add_argument("--group-size", type=int, default=None, help="INT4 group size (default: tensor-wise, the paper)")
     p.add_argument("--steps", type=int, default=200, help="fine-tuning steps per arm")
@@ -241,6 +277,8 @@ def parse_args(argv=None):
     p.add_argument("--state-dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--memory-table", action="store_true",
+                   help="only print the measured bytes/param of the expert weights in each memory setting")
     p.add_argument("--export", help="folder: export each ECO/naive arm's model in both eco.export forms")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=1,
@@ -297,28 +335,28 @@ def main(argv=None) -> list[dict]:
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
+    if args.memory_table:
+        return memory_table(args)
     from transformers import AutoModelForCausalLM
 
     started = time.perf_counter()
-    if args.model:
+    if args.model and not args.byte_tokens:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(args.model)
         encode = lambda text: torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
-        model_path = args.model
-        code_text = None
     else:
-        tokenizer = ByteTokenizer()
-        encode = tokenizer.encode
-        code_text, prose_text = stdlib_corpus()
+        encode = ByteTokenizer().encode
+    finetune_text = None
+    if args.model:
+        model_path = args.model
+    else:
+        code_text, finetune_text = stdlib_corpus()
+        model_path = pretrained_tiny_model(args, device, encode(code_text))
     if args.dataset:
         finetune_text = Path(args.dataset).read_text(encoding="utf-8")
-    elif args.model:
+    elif finetune_text is None:
         finetune_text = stdlib_corpus()[1]
-    else:
-        finetune_text = prose_text
-    if code_text is not None:
-        model_path = pretrained_tiny_model(args, device, encode(code_text))
     train_tokens, eval_tokens = split_tokens(encode(finetune_text))
     eval_sets = eval_batches(eval_tokens, args.batch_size, args.seq_len, args.eval_batches)
 
