@@ -190,3 +190,42 @@ def test_eco_steps_lower_the_loss_and_plain_params_train(kind, rounding):
     assert any("attn" in n or "Attention" in n or "self_attn" in n or "SelfAttention" in n for n in moved), moved
     assert all(p.dtype == torch.float32 and type(p) is torch.nn.Parameter
                for n, p in model.named_parameters() if n in plain_before)
+
+
+def tiny_family(name):
+    """Other transformers MoE families: fused routed experts plus shared experts as plain Linear modules."""
+    if name == "qwen2_moe":
+        config = transformers.Qwen2MoeConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=32, moe_intermediate_size=16,
+            shared_expert_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            num_experts=4, num_experts_per_tok=2,
+        )
+    else:
+        config = transformers.DeepseekV2Config(
+            vocab_size=64, hidden_size=32, intermediate_size=32, moe_intermediate_size=16, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4, n_shared_experts=1,
+            num_experts_per_tok=2, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=None,
+            qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, n_group=1, topk_group=1,
+        )
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config)
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v2"])
+def test_other_families_with_shared_experts(family):
+    model = tiny_family(family)
+    eco.quantize_(model, eco.INT4(), filter_fn=expert_filter)
+    quantized = dict(eco.quantized_parameters(model))
+    assert any(p.dim() == 3 for p in quantized.values())                       # routed experts, fused
+    assert any(".shared_expert" in n and p.dim() == 2 for n, p in quantized.items())  # shared experts, Linear
+    assert not any("gate.weight" in n and "proj" not in n for n in quantized)  # routers stay plain
+    opt = eco.AdamW(model.parameters(), lr=1e-2, seed=0)
+    batch = torch.randint(0, 64, (2, 8))
+    losses = []
+    for _ in range(15):
+        loss = model(input_ids=batch, labels=batch).loss
+        losses.append(loss.item())
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert losses[-1] < 0.5 * losses[0], losses
