@@ -32,6 +32,7 @@ import math
 import os
 import sys
 import sysconfig
+import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -222,9 +223,13 @@ def finetune_arm(arm: str, load_model, train_tokens, eval_sets, args, device) ->
     quantized = eco.quantized_parameters(model)
     if not quantized:
         raise ValueError("no expert weights were found to quantize: is this a Mixture-of-Experts model?")
+    expert_params = sum(p.numel() for _, p in quantized)
+    total_params = sum(p.numel() for p in model.parameters())
+    print(f"  {arm}: {expert_params:,} of {total_params:,} parameters ({100 * expert_params / total_params:.1f}%) "
+          f"are expert weights, now {quantized[0][1].fmt}")
     start_loss = evaluate(model, eval_sets, device)
     optimizer = eco.AdamW(
-        model.parameters(), lr=args.lr, betas=(0.9, 0.98), eps=1e-9, weight_decay=args.weight_decay,
+        model.parameters(), lr=args.lr, betas=(args.beta1, 0.98), eps=1e-9, weight_decay=args.weight_decay,
         state_dtype=args.state_dtype, seed=args.seed, **ARMS[arm],
     )
     set_initial_lr(optimizer, args.lr)
@@ -267,7 +272,8 @@ def parse_args(argv=None):
     p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {','.join(ARMS)}")
     p.add_argument("--group-size", type=int, default=None, help="INT4 group size (default: tensor-wise, the paper)")
     p.add_argument("--steps", type=int, default=200, help="fine-tuning steps per arm")
-    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--beta1", type=float, default=0.9, help="AdamW beta1 (beta2 is 0.98, as in the paper)")
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--clip", type=float, default=1.0)
@@ -292,7 +298,7 @@ def parse_args(argv=None):
     tiny.add_argument("--experts", type=int, default=8)
     tiny.add_argument("--pretrain-steps", type=int, default=400)
     tiny.add_argument("--pretrain-lr", type=float, default=2e-3)
-    tiny.add_argument("--workdir", default=os.path.join("examples", "_moe_int4_work"),
+    tiny.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "eco_moe_int4_finetune"),
                       help="where the pre-trained tiny model is saved (and reused when its settings match)")
     args = p.parse_args(argv)
     args.arms = [a.strip() for a in args.arms.split(",") if a.strip()]
