@@ -267,6 +267,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", help="local Hugging Face MoE checkpoint (default: a tiny Mixtral pre-trained here)")
     p.add_argument("--dataset", help="UTF-8 text file to fine-tune on (default: the stdlib's pydoc topics)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="with --model: run the checkpoint's own modeling code (DeepSeek-MoE-16B's original\n"
+                        "checkpoint keeps its experts as a ModuleList of MLPs in remote code)")
     p.add_argument("--byte-tokens", action="store_true",
                    help="with --model: tokens are raw bytes (a model saved by this script has no tokenizer)")
     p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {','.join(ARMS)}")
@@ -349,7 +352,7 @@ def main(argv=None) -> list[dict]:
     if args.model and not args.byte_tokens:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
         encode = lambda text: torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
     else:
         encode = ByteTokenizer().encode
@@ -367,7 +370,8 @@ def main(argv=None) -> list[dict]:
     eval_sets = eval_batches(eval_tokens, args.batch_size, args.seq_len, args.eval_batches)
 
     def load_model():
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=args.dtype)
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=args.dtype,
+                                                     trust_remote_code=args.trust_remote_code)
         return model.to(device)
 
     print(f"fine-tuning on {len(train_tokens):,} tokens ({args.steps} steps x {args.batch_size} x {args.seq_len}), "
