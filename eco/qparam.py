@@ -52,12 +52,16 @@ class QuantizedTensor(torch.Tensor):
             raise TypeError(f"only floating tensors can be quantized, got {x.dtype}")
         if not torch.isfinite(x).all():
             raise ValueError("cannot quantize a tensor with NaN or inf values")
-        codes, scales = fmt.quantize(x.detach(), rounding, generator)
+        from . import kernels  # the quantize kernel on CUDA, fmt.quantize elsewhere
+
+        codes, scales = kernels.format_quantize(fmt, x.detach(), rounding, generator)
         return cls(codes, scales, fmt, x.shape, x.dtype)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The represented values as an ordinary tensor (logical dtype by default)."""
-        return self.fmt.dequantize(self.codes, self.scales, self.shape, dtype or self.dtype)
+        from . import kernels  # the dequantize kernel on CUDA, fmt.dequantize elsewhere
+
+        return kernels.format_dequantize(self.fmt, self.codes, self.scales, self.shape, dtype or self.dtype)
 
     def _with(self, codes, scales, shape=None, dtype=None) -> QuantizedTensor:
         return QuantizedTensor(codes, scales, self.fmt, self.shape if shape is None else shape, dtype or self.dtype)
