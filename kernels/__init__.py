@@ -302,6 +302,26 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, fmt: QuantFormat, shap
     return out
 
 
+def _kernel_covers(fmt: QuantFormat, *tensors: torch.Tensor) -> bool:
+    """Whether the quantize/dequantize kernels run these CUDA tensors (else the format's torch code does)."""
+    return (all(t.is_cuda and t.is_contiguous() and t.data_ptr() % 16 == 0 for t in tensors)
+            and triton is not None and os.environ.get("ECO_BACKEND") != "reference" and has_kernel(fmt))
+
+
+def format_quantize(fmt: QuantFormat, x: torch.Tensor, rounding: str = "nearest", generator=None):
+    """``fmt.quantize`` on the kernel for CUDA tensors (nearest rounding; a torch generator means the format's code)."""
+    if rounding == "nearest" and generator is None and x.dtype in specs.GRAD_DTYPES and _kernel_covers(fmt, x):
+        return quantize(x, fmt)
+    return fmt.quantize(x, rounding, generator)
+
+
+def format_dequantize(fmt: QuantFormat, codes: torch.Tensor, scales: torch.Tensor, shape, dtype: torch.dtype):
+    """``fmt.dequantize`` on the kernel for CUDA tensors (the forward pass of a quantized weight)."""
+    if dtype in specs.GRAD_DTYPES and _kernel_covers(fmt, codes, scales):
+        return dequantize(codes, scales, fmt, shape, dtype)
+    return fmt.dequantize(codes, scales, shape, dtype)
+
+
 # ---------------------------------------------------------------- plain parameters
 def _plain_k(optimizer: str, s) -> tuple:
     if optimizer == "adamw":
@@ -406,5 +426,5 @@ def plain_sgd_steps_(params, grads, momentum_bufs, *, scalars: reference.SGDScal
 __all__ = [
     "SPECS", "KernelSpec", "find_spec", "supports", "unavailable_reason", "interpreter_enabled", "has_kernel",
     "adamw_step_", "sgd_step_", "plain_adamw_step_", "plain_sgd_step_", "plain_adamw_steps_", "plain_sgd_steps_",
-    "quantize", "dequantize", "launch", "step_bytes", "plain_step_bytes",
+    "quantize", "dequantize", "format_quantize", "format_dequantize", "launch", "step_bytes", "plain_step_bytes",
 ]
