@@ -14,6 +14,15 @@ pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run many small ops; extra OpenMP threads only spin (10x slower on busy shared cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def load_example(name: str):
     path = Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(f"eco_example_{name}", path)
