@@ -162,9 +162,8 @@ def load_compact(model: nn.Module, path: str | os.PathLike, *, strict: bool = Tr
     aliases = json.loads(metadata["eco_aliases"])
 
     params = dict(model.named_parameters(remove_duplicate=False))
-    state: dict[str, torch.Tensor] = {}
-    for name, info in quantized.items():
-        fmt = format_from_config(info["format"])
+    formats = {name: format_from_config(info["format"]) for name, info in quantized.items()}
+    for name, info in quantized.items():  # check everything before changing anything
         target = params.get(name)
         if target is None:
             raise KeyError(f"the export holds quantized weight {name!r}, which this model does not have: "
@@ -172,12 +171,15 @@ def load_compact(model: nn.Module, path: str | os.PathLike, *, strict: bool = Tr
         if list(target.shape) != info["shape"]:
             raise ValueError(f"{name}: the export has shape {tuple(info['shape'])}, the model "
                              f"{tuple(target.shape)}: build the model from the exported config")
-        if isinstance(target, QuantizedTensor) and target.fmt != fmt:
-            raise ValueError(f"{name} is quantized as {target.fmt} in the model but {fmt} in the export; "
+        if isinstance(target, QuantizedTensor) and target.fmt != formats[name]:
+            raise ValueError(f"{name} is quantized as {target.fmt} in the model but {formats[name]} in the export; "
                              "load into an unquantized model or quantize with the same format")
+    state: dict[str, torch.Tensor] = {}
+    for name, info in quantized.items():
+        target = params[name]
         codes = stored.pop(f"{name}.codes").to(target.device)
         scales = stored.pop(f"{name}.scales").to(target.device)
-        loaded = QuantizedTensor(codes, scales, fmt, info["shape"], getattr(torch, info["dtype"]))
+        loaded = QuantizedTensor(codes, scales, formats[name], info["shape"], getattr(torch, info["dtype"]))
         if not isinstance(target, QuantizedTensor):
             _replace_parameter(model, target, nn.Parameter(loaded, requires_grad=target.requires_grad))
         state[name] = loaded
