@@ -174,34 +174,48 @@ def main(argv=None) -> dict:
         paths = ["kernel", "reference"]
     else:
         skipped["eco kernel path"] = f"not run on {device.type}: {kernels.unavailable_reason()}"
-    arms = []
+    factories = []  # (name, build): arms are built lazily so that a GPU holds one parameter set at a time
     for impl in ("foreach", "fused"):
         if impl == "fused" and device.type != "cuda":
             skipped["torch-fused"] = "torch AdamW(fused=True) is timed on CUDA only"
             continue
-        arms.append(torch_arm(shapes, impl, device, gen))
+        factories.append(lambda impl=impl: torch_arm(shapes, impl, device, gen))
     for fmt_name in args.formats.split(","):
         for state_name in args.states.split(","):
             for path in paths:
-                arms.append(eco_arm(shapes, fmt_name, state_name, path, device, gen))
-    try:
-        arms.append(bnb_arm(shapes, device, gen))
-        arms[-1].run(device)  # fails fast where bitsandbytes has no 8-bit optimizer for this device
-        arms[-1].times.clear()
-        arms[-1].cpu_times.clear()
-    except Exception as exc:  # noqa: BLE001 - any failure means "not available here"; recorded, not hidden
-        if arms and arms[-1].name == "bnb-adamw8bit":
-            arms.pop()
-        skipped["bnb-adamw8bit"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                factories.append(lambda f=fmt_name, s=state_name, p=path: eco_arm(shapes, f, s, p, device, gen))
+    factories.append(lambda: bnb_arm(shapes, device, gen))
 
-    for arm in arms:
-        for _ in range(args.warmup):
-            arm.run(device)
+    def build_and_warm(factory):
+        """The arm after its warm-up steps, or None (reason recorded) when it cannot run here."""
+        try:
+            arm = factory()
+            for _ in range(args.warmup):
+                arm.run(device)
+        except Exception as exc:  # noqa: BLE001 - e.g. bitsandbytes without an 8-bit optimizer for this device
+            name = "bnb-adamw8bit" if factory is factories[-1] else "an arm"
+            skipped[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            return None
         arm.times.clear()
         arm.cpu_times.clear()
-    for _ in range(args.runs):  # interleaved: every run times every arm once
-        for arm in arms:
-            arm.run(device)
+        return arm
+
+    arms = []
+    if device.type == "cpu":  # small parameter sets: keep all, interleave the runs so machine load hits all alike
+        arms = [a for a in map(build_and_warm, factories) if a is not None]
+        for _ in range(args.runs):
+            for arm in arms:
+                arm.run(device)
+    else:  # one arm in memory at a time
+        for factory in factories:
+            arm = build_and_warm(factory)
+            if arm is None:
+                continue
+            for _ in range(args.runs):
+                arm.run(device)
+            arm.params = arm.optimizer = None
+            arms.append(arm)
+            torch.cuda.empty_cache()
 
     copy_bw = device_copy_bandwidth(device, args.runs)
     # On CPU the step runs on one thread: its CPU time is what it costs, whatever else loads the machine.
