@@ -301,9 +301,12 @@ def test_auto_backend_keeps_cpu_tensors_on_the_reference():
 
     cpu_param = torch.zeros(3)
     assert _select_backend("auto", cpu_param) is reference
-    assert _select_backend("triton", cpu_param) is (kernels if kernels.interpreter_enabled() else None) or \
-        not kernels.interpreter_enabled()
     assert not kernels.supports(cpu_param)
+    if kernels.interpreter_enabled():
+        assert _select_backend("triton", cpu_param) is kernels
+    else:
+        with pytest.raises(RuntimeError, match="backend='triton' needs a CUDA tensor"):
+            _select_backend("triton", cpu_param)
 
 
 # ---------------------------------------------------------------- the specialization list
@@ -390,5 +393,8 @@ def test_quantized_weight_uses_the_kernels_exactly_on_cuda(monkeypatch):
                                                                                      _real(*a, **k))[1])
     model = eco.quantize_(torch.nn.Linear(64, 32).to(DEVICE), eco.FP8(block_size=32))
     out = model(torch.randn(2, 64, device=DEVICE))
-    expected = ["quantize", "dequantize"] if DEVICE == "cuda" else []
-    assert calls == expected and out.shape == (2, 32)
+    assert out.shape == (2, 32)
+    if DEVICE == "cuda":
+        assert calls[0] == "quantize" and set(calls[1:]) == {"dequantize"}
+    else:
+        assert calls == []
