@@ -15,6 +15,15 @@ if not torch.cuda.is_available():
 
 
 @pytest.fixture(autouse=True)
+def _one_thread():
+    """Tests run many small ops; extra OpenMP threads only spin (10x slower on busy shared cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
 def _seed_everything():
     torch.manual_seed(0)
     yield

@@ -1,5 +1,8 @@
 """Small shared builders for the tests."""
 
+import importlib.util
+from pathlib import Path
+
 import torch
 import torch.nn as nn
 
@@ -26,3 +29,12 @@ def mlp(sizes=(16, 64, 64, 4), seed=0) -> nn.Sequential:
 def grid_values(qt: eco.QuantizedTensor) -> torch.Tensor:
     """The integer/fp8 grid values (codes as fp32, INT4 unpacked)."""
     return qt.fmt.decode(qt.codes, qt.shape)
+
+
+def load_example(name: str):
+    """Import ``examples/<name>.py`` (examples are scripts, not an installed package)."""
+    path = Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"eco_example_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

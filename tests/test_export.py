@@ -13,15 +13,6 @@ transformers = pytest.importorskip("transformers")
 safetensors = pytest.importorskip("safetensors")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run many small ops; extra OpenMP threads only spin (10x slower on busy shared cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def is_expert(name, param):
     return ".experts." in name
 

@@ -2,33 +2,15 @@
 clipping), saves a mid-run checkpoint in eco's compact form, and a fresh Trainer resumes from it to
 the same bits as an uninterrupted run."""
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
 
 import eco
+from tests.helpers import load_example
 
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run many small ops; extra OpenMP threads only spin (10x slower on busy shared cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def load_example(name: str):
-    path = Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"eco_example_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 hf_trainer = load_example("hf_trainer")

@@ -6,32 +6,14 @@ ECO steps lower the loss while the high-precision parameters train as usual.
 """
 
 import copy
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
 
 import eco
+from tests.helpers import load_example
 
 transformers = pytest.importorskip("transformers")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run many small ops; extra OpenMP threads only spin (10x slower on busy shared cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def load_example(name: str):
-    path = Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"eco_example_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 expert_filter = load_example("moe_int4_finetune").expert_filter

@@ -1,32 +1,14 @@
 """examples/moe_int4_finetune.py end to end at toy size: pre-train, save, fine-tune arms, table, export,
 and the --model / --dataset path on the checkpoint it saved."""
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
 
 import eco
+from tests.helpers import load_example
 
 transformers = pytest.importorskip("transformers")
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run many small ops; extra OpenMP threads only spin (10x slower on busy shared cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def load_example(name: str):
-    path = Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"eco_example_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 example = load_example("moe_int4_finetune")
