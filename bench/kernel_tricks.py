@@ -43,8 +43,48 @@ PATCHES = {
                                       "tl.store(ptr + offsets, value.to(tl.bfloat16), mask=mask)")],
     "Philox 10 -> 4 rounds": [("eco_step.py", _RANDINT, "tl.randint(seed, offsets, 4)")],
     "one randint4x per 4 elements": [("eco_step.py", _RANDINT, "_shared_randint(seed, offsets)")],
+    "SR: random low bits on the fp32 pattern": [
+        ("eco_step.py", "grid = e4m3.round_stochastic(y, u)",
+         "grid = _round_stochastic_bits(y, tl.randint(seed, offsets))")
+    ],
+    "E4M3 decode as (bits << 20) * 2**120": [("eco_step.py", "e4m3.decode(", "_decode_by_multiply(")],
+    "hardware FP8 cvt (sm_89+, not A100)": [
+        ("eco_step.py", "code = e4m3.encode_nearest(grid)", "code = _hw_encode(grid)"),
+        ("eco_step.py", "e4m3.decode(", "_hw_decode("),
+    ],
 }
 SHARED_RANDINT = '''
+
+@triton.jit
+def _round_stochastic_bits(y, r):
+    """Add random bits below the kept mantissa bits of |y|, then truncate (unbiased for |y| >= 2**-9)."""
+    bits = y.to(tl.int32, bitcast=True)
+    mag_bits = bits & 0x7FFFFFFF
+    drop = tl.minimum(20 + tl.maximum(121 - (mag_bits >> 23), 0), 23)
+    noise = (r >> (32 - drop)).to(tl.int32)
+    rounded = ((mag_bits + noise) >> drop) << drop
+    out = tl.minimum(rounded.to(tl.float32, bitcast=True), 448.0)
+    return tl.where(bits < 0, -out, out)
+
+
+@triton.jit
+def _decode_by_multiply(byte):
+    """E4M3 -> fp32 for every non-NaN code: the 7 magnitude bits placed as fp32 exponent/mantissa bits are
+    the value times 2**-120 (fp32 subnormals included), so one exact multiplication rescales them."""
+    b = byte.to(tl.int32) & 0xFF
+    mag = ((b & 0x7F) << 20).to(tl.float32, bitcast=True) * 1.329227995784916e36
+    return (mag.to(tl.int32, bitcast=True) | ((b & 0x80) << 24)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _hw_encode(x):
+    return x.to(tl.float8e4nv).to(tl.uint8, bitcast=True).to(tl.int32)
+
+
+@triton.jit
+def _hw_decode(byte):
+    return byte.to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32)
+
 
 @triton.jit
 def _shared_randint(seed, offsets):
@@ -77,10 +117,17 @@ def main() -> int:
     variants = {"baseline (as committed)": ([], {})}
     variants.update({label: (patches, {}) for label, patches in PATCHES.items()})
     variants["FMA contraction (enable_fp_fusion)"] = ([], {"enable_fp_fusion": True})
-    variants["all of the above"] = (
-        [p for label, ps in PATCHES.items() if label != "Philox 10 -> 4 rounds" for p in ps],
-        {"enable_fp_fusion": True},
-    )
+    # SR bits before sharing the randint (the sharing patch rewrites every randint call)
+    order = ["approximate division (m / d)", "approximate sqrt", "hardware bf16 store (cvt.rn)",
+             "SR: random low bits on the fp32 pattern", "one randint4x per 4 elements",
+             "E4M3 decode as (bits << 20) * 2**120"]
+    combined = [p for label in order for p in PATCHES[label]]
+    exact = [p for label in order[2:] for p in PATCHES[label]]  # RNE codes stay bit-identical to the reference
+    variants["bit-exact ones: bf16 cvt, SR, decode"] = (exact, {})
+    variants["all but Philox rounds and hw FP8 (+FMA)"] = (combined, {"enable_fp_fusion": True})
+    hardware = [p for p in combined if p not in PATCHES["E4M3 decode as (bits << 20) * 2**120"]]
+    variants["... hardware FP8 cvt instead (sm_89+)"] = (hardware + PATCHES["hardware FP8 cvt (sm_89+, not A100)"],
+                                                         {"enable_fp_fusion": True})
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["PYTHONPATH"] = tmp + os.pathsep + os.environ.get("PYTHONPATH", "")
         jobs, keys = [], []

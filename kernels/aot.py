@@ -508,10 +508,6 @@ def _load_function(build: KernelBuild):
     return getattr(module, name)
 
 
-def interpreter_active() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
-
-
 def compile_one(build: KernelBuild, target: str, sass: bool = True) -> CompiledKernel:
     """Compile ``build`` for ``target`` (``"sm_90"``) in this process and read its artifacts."""
     import triton
@@ -593,7 +589,9 @@ def compile_jobs(jobs: list[tuple[KernelBuild, str]], workers: int | None = None
     are needed; the SASS counts are then zero.
     """
     workers = max(1, min(len(jobs), workers or os.cpu_count() or 1))
-    if workers == 1 and not interpreter_active():
+    from . import interpreter_enabled  # kernels defined under the interpreter cannot be compiled here
+
+    if workers == 1 and not interpreter_enabled():
         return [_compile_or_error(b, t, sass) for b, t in jobs]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     children = []
