@@ -10,8 +10,9 @@ values ``2**-6 <= |x| <= 448``; below ``2**-6`` the subnormals ``k * 2**-9``
 (k = 0..7); byte ``0x7F``/``0xFF`` is NaN and there is no infinity.
 
 :func:`encode_nearest` rounds to nearest, ties to even, exactly as torch's cast
-for every ``|x| <= 448``; larger magnitudes (and inf) saturate to 448, where
-torch would give NaN; NaN encodes as +0 so that a code is never NaN.
+for every ``|x| <= 448``; larger magnitudes (and inf) saturate to 448, as
+torch 2.13's CPU cast does; NaN encodes as +0 (torch keeps NaN) so that a code
+is never NaN.
 """
 
 from __future__ import annotations
