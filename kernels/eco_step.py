@@ -59,6 +59,13 @@ def adamw_moments(g, m, v, beta1, one_minus_beta1, beta2, one_minus_beta2, inv_b
 
 
 @triton.jit
+def sgd_momentum(g, m, base, beta, one_minus_beta, weight_decay):
+    """The momentum of ``reference.sgd_step_``/``plain_sgd_step_``: ``beta*m + (1-beta)*(g + wd*w)``."""
+    g = tl.where(weight_decay != 0.0, g + weight_decay * base, g)
+    return beta * m + one_minus_beta * g
+
+
+@triton.jit
 def w_tilde_of(offsets, mask, base, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, src_ptr,
                k0, k1, k2, k3, k4, k5, k6, k7, OPT: tl.constexpr):
     """``m~, v', d, w~`` of the elements at ``offsets`` (``base`` is deq(w) or the master).
@@ -78,8 +85,7 @@ def w_tilde_of(offsets, mask, base, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, src_p
         m_tilde, v_new, d = adamw_moments(g, m, v, k0, k1, k2, k3, k4, k5)
         w_tilde = base * k6 - k7 * tl.math.div_rn(m_tilde, d)
     else:
-        g = tl.where(k2 != 0.0, g + k2 * base, g)
-        m_tilde = k0 * m + k1 * g
+        m_tilde = sgd_momentum(g, m, base, k0, k1, k2)
         v_new = zero
         d = zero + 1.0
         w_tilde = base - k3 * m_tilde
@@ -273,8 +279,7 @@ def plain_tile(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, offsets, mask,
         p_new = p * k6 - k7 * tl.math.div_rn(m_new, d)
         store_state(exp_avg_sq_ptr, offsets, v_new, mask)
     else:
-        g = tl.where(k2 != 0.0, g + k2 * p, g)
-        m_new = k0 * m + k1 * g
+        m_new = sgd_momentum(g, m, p, k0, k1, k2)
         p_new = p - k3 * m_new
     store_state(param_ptr, offsets, p_new, mask)
     store_state(exp_avg_ptr, offsets, m_new, mask)

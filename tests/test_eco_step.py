@@ -121,30 +121,29 @@ def test_decay_corrected_injection_scales_by_one_minus_lr_wd():
     torch.testing.assert_close(results[True] - m_t, (results[False] - m_t) * (1 - LR * WD), rtol=1e-5, atol=1e-7)
 
 
-def test_plain_parameters_get_plain_adamw():
+def _side_by_side(make_ours, make_theirs, steps=5):
+    """Run an eco optimizer and a torch one on copies of one plain parameter with the same gradients."""
     torch.manual_seed(0)
     a = torch.nn.Parameter(torch.randn(5, 3))
     b = torch.nn.Parameter(a.detach().clone())
-    ours = eco.AdamW([a], lr=1e-2, betas=(B1, B2), eps=EPS, weight_decay=WD)
-    theirs = torch.optim.AdamW([b], lr=1e-2, betas=(B1, B2), eps=EPS, weight_decay=WD)
-    for _ in range(5):
+    ours, theirs = make_ours([a]), make_theirs([b])
+    if "momentum" in theirs.defaults:
+        theirs.state[b]["momentum_buffer"] = torch.zeros(5, 3)  # ours starts from zero
+    for _ in range(steps):
         g = torch.randn(5, 3)
         a.grad, b.grad = g.clone(), g.clone()
         ours.step()
         theirs.step()
+    return a, b
+
+
+def test_plain_parameters_get_plain_adamw():
+    kwargs = dict(lr=1e-2, betas=(B1, B2), eps=EPS, weight_decay=WD)
+    a, b = _side_by_side(lambda p: eco.AdamW(p, **kwargs), lambda p: torch.optim.AdamW(p, **kwargs))
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_plain_parameters_get_dampened_sgd():
-    torch.manual_seed(0)
-    a = torch.nn.Parameter(torch.randn(5, 3))
-    b = torch.nn.Parameter(a.detach().clone())
-    ours = eco.SGD([a], lr=0.1, momentum=0.9, weight_decay=0.01)
-    theirs = torch.optim.SGD([b], lr=0.1, momentum=0.9, dampening=0.9, weight_decay=0.01)
-    theirs.state[b]["momentum_buffer"] = torch.zeros(5, 3)  # ours starts from zero
-    for _ in range(5):
-        g = torch.randn(5, 3)
-        a.grad, b.grad = g.clone(), g.clone()
-        ours.step()
-        theirs.step()
+    a, b = _side_by_side(lambda p: eco.SGD(p, lr=0.1, momentum=0.9, weight_decay=0.01),
+                         lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, dampening=0.9, weight_decay=0.01))
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
