@@ -36,9 +36,14 @@ expectation of the stored value equals the input).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+#: Where stochastic rounding gets its randomness: ``uniform(y)`` returns fp32
+#: values in [0, 1) shaped like ``y``, one per element in ``y``'s (row-major) order.
+UniformSource = Callable[[torch.Tensor], torch.Tensor]
 
 ROUNDINGS = ("nearest", "stochastic")
 ZERO_GROUP_ABSMAX = 2.0**-100
@@ -119,9 +124,14 @@ class QuantFormat:
         return scale, inv_scale
 
     def quantize(
-        self, x: torch.Tensor, rounding: str = "nearest", generator: torch.Generator | None = None
+        self, x: torch.Tensor, rounding: str = "nearest", generator: torch.Generator | None = None, *,
+        uniform: UniformSource | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Quantize a tensor; returns ``(codes, scales)``. ``x`` must be finite."""
+        """Quantize a tensor; returns ``(codes, scales)``. ``x`` must be finite.
+
+        Stochastic rounding draws its uniforms from ``generator`` (``torch.rand``),
+        or from ``uniform`` when given (see :data:`UniformSource`).
+        """
         check_rounding(rounding)
         self.check_shape(x.shape)
         x = x.float()
@@ -130,7 +140,7 @@ class QuantFormat:
         if rounding == "nearest":
             grid = self.round_nearest(y)
         else:
-            grid = self.round_stochastic(y, generator)
+            grid = self.round_stochastic(y, generator, uniform=uniform)
         codes = self.encode(grid.reshape(x.shape))
         return codes, scale.reshape(self.scale_shape(x.shape))
 
@@ -144,7 +154,7 @@ class QuantFormat:
     def round_nearest(self, y: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
-    def round_stochastic(self, y: torch.Tensor, generator) -> torch.Tensor:  # pragma: no cover
+    def round_stochastic(self, y: torch.Tensor, generator, *, uniform=None) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
 
     def encode(self, grid: torch.Tensor) -> torch.Tensor:  # pragma: no cover
@@ -158,7 +168,9 @@ class QuantFormat:
         return {"name": self.name, "group_size": self.row_group}
 
 
-def _uniform_like(y: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def _uniform_like(y: torch.Tensor, generator: torch.Generator | None, uniform: UniformSource | None) -> torch.Tensor:
+    if uniform is not None:
+        return uniform(y)
     return torch.rand(y.shape, generator=generator, device=y.device, dtype=torch.float32)
 
 
@@ -185,7 +197,7 @@ class FP8(QuantFormat):
     def round_nearest(self, y):
         return y.to(torch.float8_e4m3fn).float()
 
-    def round_stochastic(self, y, generator):
+    def round_stochastic(self, y, generator, *, uniform=None):
         # The E4M3 grid spacing at |y|: 2**(e - 3) for |y| in [2**e, 2**(e+1)),
         # e >= -6; uniform 2**-9 below 2**-6. All of these are exact in fp32.
         # e and 2**(e - 3) are read and built on the fp32 bits (frexp/ldexp cost a quarter of a CPU step).
@@ -194,7 +206,7 @@ class FP8(QuantFormat):
         ulp = ((binade + (127 - FP8_MANTISSA_BITS)) << 23).view(torch.float32)
         lower = torch.floor(mag / ulp) * ulp
         frac = (mag - lower) / ulp
-        up = _uniform_like(y, generator) < frac
+        up = _uniform_like(y, generator, uniform) < frac
         out = torch.where(up, lower + ulp, lower).clamp(max=FP8_MAX)
         return torch.copysign(out, y)
 
@@ -233,9 +245,9 @@ class INT4(QuantFormat):
     def round_nearest(self, y):
         return torch.round(y)
 
-    def round_stochastic(self, y, generator):
+    def round_stochastic(self, y, generator, *, uniform=None):
         lower = torch.floor(y)
-        up = _uniform_like(y, generator) < (y - lower)
+        up = _uniform_like(y, generator, uniform) < (y - lower)
         return torch.where(up, lower + 1, lower).clamp(-self.rho, self.rho)
 
     def code_shape(self, shape):

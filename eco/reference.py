@@ -32,7 +32,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from .formats import QuantFormat
+from .formats import QuantFormat, UniformSource
 
 
 class AdamWScalars(NamedTuple):
@@ -83,45 +83,56 @@ def sgd_scalars(*, lr: float, momentum: float, weight_decay: float, inject: bool
     return SGDScalars(beta=momentum, one_minus_beta=1.0 - momentum, weight_decay=weight_decay, lr=lr, inject=coef)
 
 
-def _f32(x: float) -> torch.Tensor:
-    """A host scalar as an fp32 0-d tensor: exactly the value a kernel receives."""
-    return torch.tensor(x, dtype=torch.float32)
+def coefficients(scalars: AdamWScalars | SGDScalars):
+    """``scalars`` with every field as an fp32 0-d tensor: exactly the value a kernel receives.
+
+    The ``*_update_`` functions take these, so that a compiled caller passes new
+    values each step as inputs instead of recompiling for each one.
+    """
+    return type(scalars)(*(torch.tensor(x, dtype=torch.float32) for x in scalars))
 
 
-def _generator(seed: int | None, device: torch.device) -> torch.Generator | None:
+def torch_uniform(seed: int | None) -> UniformSource | None:
+    """Stochastic-rounding uniforms from ``torch.rand`` seeded with ``seed`` (None: the global generator)."""
     if seed is None:
         return None
-    return torch.Generator(device=device).manual_seed(seed)
+
+    def uniform(y: torch.Tensor) -> torch.Tensor:
+        generator = torch.Generator(device=y.device).manual_seed(seed)
+        return torch.rand(y.shape, generator=generator, device=y.device, dtype=torch.float32)
+
+    return uniform
 
 
 def _sqrt_rn(x: torch.Tensor) -> torch.Tensor:
     """Correctly rounded fp32 square root (IEEE, as CUDA and the kernels compute it).
 
-    torch's CPU ``sqrt`` is not: it is one ulp off for about 20% of fp32 values
-    (torch 2.13, AVX2 and default builds), which would make CPU and GPU results
-    differ. numpy's fp32 sqrt is exact (and no slower).
+    torch's eager CPU ``sqrt`` is not: it is one ulp off for about 20% of fp32
+    values (torch 2.13, AVX2 and default builds), which would make CPU and GPU
+    results differ. numpy's fp32 sqrt is exact (and no slower); so is the code
+    torch.compile generates (``eco.compiled``, checked by its tests).
     """
-    if x.device.type == "cpu":
+    if x.device.type == "cpu" and not torch.compiler.is_compiling():
         return torch.from_numpy(np.sqrt(x.numpy()))
     return torch.sqrt(x)
 
 
-def _adam_moments(g, m, v, s: AdamWScalars):
-    m_new = _f32(s.beta1) * m + _f32(s.one_minus_beta1) * g
-    v_new = _f32(s.beta2) * v + _f32(s.one_minus_beta2) * (g * g)
-    d = _sqrt_rn(v_new * _f32(s.inv_bc2)) + _f32(s.eps)
+def _adam_moments(g, m, v, k: AdamWScalars):
+    m_new = k.beta1 * m + k.one_minus_beta1 * g
+    v_new = k.beta2 * v + k.one_minus_beta2 * (g * g)
+    d = _sqrt_rn(v_new * k.inv_bc2) + k.eps
     return m_new, v_new, d
 
 
-def _requantize_and_inject(codes, scales, w_tilde, m_tilde, d, inject, *, fmt, shape, rounding, seed):
-    """Store ``q(w~)`` and return ``m~ + (inject * d) * e`` (``d`` is 1 for SGD)."""
-    new_codes, new_scales = fmt.quantize(w_tilde, rounding, _generator(seed, w_tilde.device))
+def _requantize(codes, scales, w_tilde, *, fmt, rounding, uniform):
+    """Store ``q(w~)`` in ``codes`` and ``scales``."""
+    new_codes, new_scales = fmt.quantize(w_tilde, rounding, uniform=uniform)
     codes.copy_(new_codes)
     scales.copy_(new_scales)
-    if inject == 0.0:
-        return m_tilde
-    error = w_tilde - fmt.dequantize(codes, scales, shape)
-    return m_tilde + (_f32(inject) * d) * error
+
+
+def _injects(master, scalars) -> bool:
+    return master is None and scalars.inject != 0.0
 
 
 @torch.no_grad()
@@ -135,18 +146,26 @@ def adamw_step_(
     ``update_weight=False`` (used when ``lr == 0``) updates the moments only:
     nothing moves, nothing is re-quantized, nothing is injected.
     """
+    adamw_update_(
+        codes, scales, grad, exp_avg, exp_avg_sq, master, coefficients(scalars), fmt=fmt, shape=shape,
+        rounding=rounding, uniform=torch_uniform(seed), update_weight=update_weight, injects=_injects(master, scalars),
+    )
+
+
+def adamw_update_(codes, scales, grad, exp_avg, exp_avg_sq, master, k: AdamWScalars, *, fmt, shape, rounding,
+                  uniform: UniformSource | None, update_weight: bool, injects: bool) -> None:
+    """:func:`adamw_step_` with its coefficients as tensors (:func:`coefficients`) and every choice made."""
     g = grad.float().reshape(shape)
-    m_tilde, v_new, d = _adam_moments(g, exp_avg.float(), exp_avg_sq.float(), scalars)
+    m_tilde, v_new, d = _adam_moments(g, exp_avg.float(), exp_avg_sq.float(), k)
     m_new = m_tilde
     if update_weight:
         base = master if master is not None else fmt.dequantize(codes, scales, shape)
-        w_tilde = base * _f32(scalars.decay) - _f32(scalars.step_size) * (m_tilde / d)
+        w_tilde = base * k.decay - k.step_size * (m_tilde / d)
         if master is not None:
             master.copy_(w_tilde)
-        inject = 0.0 if master is not None else scalars.inject
-        m_new = _requantize_and_inject(
-            codes, scales, w_tilde, m_tilde, d, inject, fmt=fmt, shape=shape, rounding=rounding, seed=seed
-        )
+        _requantize(codes, scales, w_tilde, fmt=fmt, rounding=rounding, uniform=uniform)
+        if injects:
+            m_new = m_tilde + (k.inject * d) * (w_tilde - fmt.dequantize(codes, scales, shape))
     exp_avg.copy_(m_new)
     exp_avg_sq.copy_(v_new)
 
@@ -162,31 +181,46 @@ def sgd_step_(
     ``m~ = beta*m + (1-beta)*(g + wd*w)``, ``w~ = w - lr*m~``, ``w' = q(w~)``,
     ``m' = m~ + alpha*(w~ - deq(w'))`` with ``alpha = (1/lr)(1 - 1/beta)``.
     """
+    sgd_update_(
+        codes, scales, grad, momentum_buf, master, coefficients(scalars), fmt=fmt, shape=shape, rounding=rounding,
+        uniform=torch_uniform(seed), update_weight=update_weight, injects=_injects(master, scalars),
+        decays=scalars.weight_decay != 0.0,
+    )
+
+
+def sgd_update_(codes, scales, grad, momentum_buf, master, k: SGDScalars, *, fmt, shape, rounding,
+                uniform: UniformSource | None, update_weight: bool, injects: bool, decays: bool) -> None:
+    """:func:`sgd_step_` with its coefficients as tensors (:func:`coefficients`) and every choice made."""
     base = master if master is not None else fmt.dequantize(codes, scales, shape)
-    g = grad.float().reshape(shape)
-    if scalars.weight_decay != 0.0:
-        g = g + _f32(scalars.weight_decay) * base
-    m_tilde = _f32(scalars.beta) * momentum_buf.float() + _f32(scalars.one_minus_beta) * g
+    m_tilde = _sgd_momentum(grad.float().reshape(shape), momentum_buf.float(), base, k, decays)
     m_new = m_tilde
     if update_weight:
-        w_tilde = base - _f32(scalars.lr) * m_tilde
+        w_tilde = base - k.lr * m_tilde
         if master is not None:
             master.copy_(w_tilde)
-        inject = 0.0 if master is not None else scalars.inject
-        m_new = _requantize_and_inject(
-            codes, scales, w_tilde, m_tilde, torch.ones((), dtype=torch.float32, device=g.device), inject,
-            fmt=fmt, shape=shape, rounding=rounding, seed=seed,
-        )
+        _requantize(codes, scales, w_tilde, fmt=fmt, rounding=rounding, uniform=uniform)
+        if injects:
+            m_new = m_tilde + k.inject * (w_tilde - fmt.dequantize(codes, scales, shape))
     momentum_buf.copy_(m_new)
+
+
+def _sgd_momentum(g, m, w, k: SGDScalars, decays: bool):
+    """``beta*m + (1-beta)*(g + wd*w)``; the weight-decay term only when ``decays``."""
+    if decays:
+        g = g + k.weight_decay * w
+    return k.beta * m + k.one_minus_beta * g
 
 
 @torch.no_grad()
 def plain_adamw_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
                       *, scalars: AdamWScalars) -> None:
     """Ordinary AdamW (decoupled weight decay) for an unquantized parameter, in place."""
-    m_new, v_new, d = _adam_moments(grad.float(), exp_avg.float(), exp_avg_sq.float(), scalars)
-    p = param.float() * _f32(scalars.decay) - _f32(scalars.step_size) * (m_new / d)
-    param.copy_(p)
+    plain_adamw_update_(param, grad, exp_avg, exp_avg_sq, coefficients(scalars))
+
+
+def plain_adamw_update_(param, grad, exp_avg, exp_avg_sq, k: AdamWScalars) -> None:
+    m_new, v_new, d = _adam_moments(grad.float(), exp_avg.float(), exp_avg_sq.float(), k)
+    param.copy_(param.float() * k.decay - k.step_size * (m_new / d))
     exp_avg.copy_(m_new)
     exp_avg_sq.copy_(v_new)
 
@@ -196,11 +230,12 @@ def plain_sgd_step_(
     param: torch.Tensor, grad: torch.Tensor, momentum_buf: torch.Tensor, *, scalars: SGDScalars
 ) -> None:
     """SGD with EMA momentum (torch SGD with ``dampening=momentum``) for an unquantized parameter."""
-    g = grad.float()
-    if scalars.weight_decay != 0.0:
-        g = g + _f32(scalars.weight_decay) * param.float()
-    m_new = _f32(scalars.beta) * momentum_buf.float() + _f32(scalars.one_minus_beta) * g
-    param.copy_(param.float() - _f32(scalars.lr) * m_new)
+    plain_sgd_update_(param, grad, momentum_buf, coefficients(scalars), decays=scalars.weight_decay != 0.0)
+
+
+def plain_sgd_update_(param, grad, momentum_buf, k: SGDScalars, *, decays: bool) -> None:
+    m_new = _sgd_momentum(grad.float(), momentum_buf.float(), param.float(), k, decays)
+    param.copy_(param.float() - k.lr * m_new)
     momentum_buf.copy_(m_new)
 
 
