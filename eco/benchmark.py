@@ -105,8 +105,8 @@ class BenchConfig:
     clip: float = 1.0
     batch_size: int = 16
     seq_len: int = 64
-    d_model: int = 128
-    n_layers: int = 2
+    d_model: int = 256  # 3.30M params, 95.5% of them in the quantized block linears
+    n_layers: int = 4
     n_heads: int = 4
     eval_every: int = 25
     eval_batches: int = 4  # validation batches along the way
