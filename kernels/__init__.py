@@ -389,11 +389,15 @@ def _multi_table(params, grads, exp_avgs, exp_avg_sqs, block: int) -> torch.Tens
 
 
 def _plain_many(optimizer, params, grads, exp_avgs, exp_avg_sqs, scalars):
-    """Group small same-dtype tensors into one launch each; big ones get their own."""
+    """Group small same-dtype tensors into one launch each; big ones get their own.
+
+    Only tensors whose numel is a multiple of 16 (every hidden size) are grouped: the
+    multi-tensor kernel is compiled for 128-bit accesses, which a ragged end would break.
+    """
     groups: dict = {}
     for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs, strict=True):
-        if p.numel() > MULTI_TENSOR_MAX_NUMEL or g.dtype != p.dtype or not all(
-                t.is_contiguous() for t in (p, g, m, v)):
+        if p.numel() > MULTI_TENSOR_MAX_NUMEL or p.numel() % 16 or g.dtype != p.dtype or not all(
+                t.is_contiguous() and t.data_ptr() % 16 == 0 for t in (p, g, m, v)):
             _plain_single(optimizer, p, g, m, v, scalars)
             continue
         groups.setdefault((p.dtype, m.dtype, p.device), []).append((p, g, m, v))

@@ -14,8 +14,10 @@ same kernel: ``PASS == 0`` computes ``w~`` and atomically maxes ``|w~|`` (as
 int32 bits of a non-negative float, which order like the floats) into a
 workspace, and saves the old scale; ``PASS == 1`` recomputes the identical
 ``w~`` from the unchanged inputs, quantizes with the finished absmax and
-stores. INT4 tiles hold byte columns: each byte packs the even (low nibble)
-and odd (high nibble) element of a row, so every step is done for both halves.
+stores. INT4 tiles hold elements like FP8 ones (so grad, m, v are read with
+contiguous vector loads); the code bytes (even element in the low nibble, odd
+in the high) are loaded contiguously and unpacked with ``tl.join``, and packed
+back with ``tl.split`` before the store.
 """
 
 from __future__ import annotations
@@ -175,15 +177,16 @@ def eco_step_kernel(
     tile = tl.program_id(1)
     GW: tl.constexpr = GROUP if GROUP > 0 else BLOCK
     RHO: tl.constexpr = 7.0 if IS_INT4 else 448.0
-    PER_BYTE: tl.constexpr = 2 if IS_INT4 else 1
     i = tl.arange(0, BLOCK // GW)[:, None]
-    j = tl.arange(0, GW // PER_BYTE)[None, :]
-    code_col = tile * (BLOCK // PER_BYTE) + i * (GW // PER_BYTE) + j
+    col = tile * BLOCK + i * GW + tl.arange(0, GW)[None, :]
+    mask = col < n_cols
+    offsets = row * n_cols + col
+    if IS_INT4:  # one byte per pair of elements: contiguous bytes, unpacked in registers
+        code_col = tile * (BLOCK // 2) + i * (GW // 2) + tl.arange(0, GW // 2)[None, :]
+    else:
+        code_col = col
     code_mask = code_col < code_cols
     code_offsets = row * code_cols + code_col
-    col = code_col * PER_BYTE  # INT4: the low-nibble element; its partner is col + 1
-    offsets = row * n_cols + col
-    mask = col < n_cols
 
     # Old scale: one per group of the tile ([BLOCK // GW, 1]), or one per row/matrix.
     if GROUP > 0:
@@ -199,25 +202,17 @@ def eco_step_kernel(
         else:
             old_scale = tl.load(workspace_ptr + n_scale_groups + scale_index).to(tl.float32, bitcast=True)
 
-    byte = tl.load(codes_ptr + code_offsets, mask=code_mask, other=0).to(tl.int32)
-    if IS_INT4:
-        base = ((byte & 0xF) - 8).to(tl.float32) * old_scale
-        base_hi = ((byte >> 4) - 8).to(tl.float32) * old_scale
-    else:
-        base = e4m3.decode(byte) * old_scale
-        base_hi = base
     if HAS_MASTER:
         base = tl.load(master_ptr + offsets, mask=mask, other=0.0)
+    else:
+        byte = tl.load(codes_ptr + code_offsets, mask=code_mask, other=0).to(tl.int32)
+        if IS_INT4:
+            base = (unpack_nibbles(byte, BLOCK // GW, GW) - 8).to(tl.float32) * old_scale
+        else:
+            base = e4m3.decode(byte) * old_scale
     m_t, v_n, d, w_t = w_tilde_of(offsets, mask, base, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, src_ptr,
                                   k0, k1, k2, k3, k4, k5, k6, k7, OPT)
     absmax = tl.max(tl.abs(w_t), axis=1)
-    if IS_INT4:
-        mask_hi = col + 1 < n_cols
-        if HAS_MASTER:
-            base_hi = tl.load(master_ptr + offsets + 1, mask=mask_hi, other=0.0)
-        m_t_hi, v_n_hi, d_hi, w_t_hi = w_tilde_of(offsets + 1, mask_hi, base_hi, grad_ptr, exp_avg_ptr,
-                                                  exp_avg_sq_ptr, src_ptr, k0, k1, k2, k3, k4, k5, k6, k7, OPT)
-        absmax = tl.maximum(absmax, tl.max(tl.abs(w_t_hi), axis=1))
 
     if GROUP == 0:
         if PASS == 0:
@@ -237,12 +232,21 @@ def eco_step_kernel(
     code = finish_element(w_t, m_t, v_n, d, scale, inv_scale, offsets, mask, seed, inject,
                           exp_avg_ptr, exp_avg_sq_ptr, master_ptr, OPT, IS_INT4, STOCHASTIC, HAS_MASTER)
     if IS_INT4:
-        code_hi = finish_element(w_t_hi, m_t_hi, v_n_hi, d_hi, scale, inv_scale, offsets + 1, mask_hi, seed,
-                                 inject, exp_avg_ptr, exp_avg_sq_ptr, master_ptr, OPT, IS_INT4, STOCHASTIC,
-                                 HAS_MASTER)
-        code_hi = tl.where(mask_hi, code_hi, 8)  # an odd last dimension pads with code 0
-        code = code | (code_hi << 4)
+        code = pack_nibbles(tl.where(mask, code, 8), BLOCK // GW, GW)  # an odd last dimension pads with code 0
     tl.store(codes_ptr + code_offsets, code.to(tl.uint8), mask=code_mask)
+
+
+@triton.jit
+def unpack_nibbles(byte, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """``[ROWS, COLS // 2]`` packed bytes -> ``[ROWS, COLS]`` INT4 codes 0..15 (low nibble: the even element)."""
+    return tl.join(byte & 0xF, byte >> 4).reshape(ROWS, COLS)
+
+
+@triton.jit
+def pack_nibbles(code, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """``[ROWS, COLS]`` INT4 codes 0..15 -> ``[ROWS, COLS // 2]`` bytes (the inverse of :func:`unpack_nibbles`)."""
+    even, odd = tl.split(code.reshape(ROWS, COLS // 2, 2))
+    return even | (odd << 4)
 
 
 @triton.jit
@@ -258,8 +262,9 @@ def dequantize_kernel(codes_ptr, scales_ptr, out_ptr, n_cols, code_cols, rows_pe
     else:
         scale = tl.load(scales_ptr + row // rows_per_scale)
     if IS_INT4:
-        byte = tl.load(codes_ptr + row * code_cols + col // 2, mask=mask, other=0).to(tl.int32)
-        code = tl.where(col % 2 == 0, byte & 0xF, byte >> 4) - 8
+        code_col = tl.program_id(1) * (BLOCK // 2) + tl.arange(0, BLOCK // 2)[None, :]
+        byte = tl.load(codes_ptr + row * code_cols + code_col, mask=code_col < code_cols, other=0).to(tl.int32)
+        code = unpack_nibbles(byte, 1, BLOCK).reshape(BLOCK) - 8
         value = code.to(tl.float32) * scale
     else:
         value = e4m3.decode(tl.load(codes_ptr + offsets, mask=mask, other=0)) * scale
@@ -304,14 +309,24 @@ def plain_multi_step_kernel(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, ta
     (starting at ``2 * n_programs``), ``[numel, param, grad, exp_avg, exp_avg_sq
     offsets]``: each tensor's element offset from the list's first tensor (all
     tensors of one list share a dtype, so such offsets are whole elements).
+    The launcher only groups tensors whose numel is a multiple of 16 and whose
+    storage is 16-byte aligned, so the loads and stores are 128-bit.
     """
     pid = tl.program_id(0)
     n_programs = tl.num_programs(0)
     tensor = tl.load(table_ptr + 2 * pid)
-    start = tl.load(table_ptr + 2 * pid + 1)
+    start = tl.multiple_of(tl.load(table_ptr + 2 * pid + 1), BLOCK)
     entry = table_ptr + 2 * n_programs + 5 * tensor
-    numel = tl.load(entry)
+    numel = tl.multiple_of(tl.load(entry), 16)
     offsets = start + tl.arange(0, BLOCK)
     mask = offsets < numel
-    plain_tile(param_ptr + tl.load(entry + 1), grad_ptr + tl.load(entry + 2), exp_avg_ptr + tl.load(entry + 3),
-               exp_avg_sq_ptr + tl.load(entry + 4), offsets, mask, k0, k1, k2, k3, k4, k5, k6, k7, OPT)
+    plain_tile(param_ptr + aligned_offset(param_ptr, entry + 1), grad_ptr + aligned_offset(grad_ptr, entry + 2),
+               exp_avg_ptr + aligned_offset(exp_avg_ptr, entry + 3),
+               exp_avg_sq_ptr + aligned_offset(exp_avg_sq_ptr, entry + 4), offsets, mask,
+               k0, k1, k2, k3, k4, k5, k6, k7, OPT)
+
+
+@triton.jit
+def aligned_offset(ptr, offset_ptr):
+    """The element offset at ``offset_ptr``, hinted a multiple of 16 bytes of ``ptr``'s dtype (launcher-checked)."""
+    return tl.multiple_of(tl.load(offset_ptr), 128 // ptr.dtype.element_ty.primitive_bitwidth)

@@ -244,30 +244,12 @@ def test_the_matrix_covers_every_axis():
     assert len(subset) < len(SPECS) or os.environ.get("ECO_AOT_ALL") == "1"
 
 
-def _known_narrow(spec) -> str | None:
-    """Why a specialization's streams are known to be narrower than 128-bit (reported in issue 7), or None."""
-    m = spec.meta
-    int4 = (m.get("format") or {}).get("name") == "int4"
-    if int4 and m["kernel"] in ("step", "quantize"):
-        return "INT4 tiles load the even and odd elements of grad/m/v/src with stride 2: 16/32-bit scalar accesses"
-    if int4 and m["kernel"] == "dequantize":
-        return "INT4 dequantize gathers one code byte per element (col // 2): 8-bit accesses"
-    if m["kernel"] == "plain_multi":
-        return "multi-tensor offsets come from a table without alignment hints: scalar accesses"
-    return None
-
-
-def _params(with_known_narrow_marks: bool):
+def _params():
     try:
         specs = _spec_matrix()
     except ImportError:  # the kernel list is not importable: the test reports it
         return [pytest.param("<eco.kernels.SPECS missing>", t) for t in TARGETS]
-    params = []
-    for spec in specs:
-        reason = _known_narrow(spec) if with_known_narrow_marks else None
-        marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
-        params += [pytest.param(spec.name, t, marks=marks, id=f"{spec.name}-{t}") for t in TARGETS]
-    return params
+    return [pytest.param(spec.name, t, id=f"{spec.name}-{t}") for spec in specs for t in TARGETS]
 
 
 def _spec(name):
@@ -276,7 +258,7 @@ def _spec(name):
     return next(s for s in SPECS if s.name == name)
 
 
-@pytest.mark.parametrize("name,target", _params(False))
+@pytest.mark.parametrize("name,target", _params())
 def test_specialization_compiles_without_spills(spec_results, name, target):
     result = spec_results[(name, target)]
     assert result.error is None, f"{name} does not compile for {target}:\n{result.error}"
@@ -284,7 +266,7 @@ def test_specialization_compiles_without_spills(spec_results, name, target):
     assert result.local_bytes == 0 and result.stack_bytes == 0
 
 
-@pytest.mark.parametrize("name,target", _params(True))
+@pytest.mark.parametrize("name,target", _params())
 def test_big_streams_use_the_widest_vector_access(spec_results, name, target):
     """128-bit accesses on grad, m, v (codes: as wide as a thread's share of bytes allows)."""
     spec = _spec(name)

@@ -184,7 +184,7 @@ def test_quantize_and_dequantize_match_the_format(fmt, shape):
 
 
 # ---------------------------------------------------------------- plain parameters
-PLAIN_SIZES = [(1,), (3,), (1025,), (7, 130), (2, 3, 4)]
+PLAIN_SIZES = [(1,), (3,), (1025,), (7, 130), (2, 3, 4), (16,), (4, 32), (3, 16)]  # grouped: numel % 16 == 0
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
@@ -227,17 +227,17 @@ def test_plain_steps_match_reference_single_and_grouped(optimizer, param_dtype, 
 
 
 def test_grouped_plain_launch_count(monkeypatch):
-    """Six small tensors and one big one: two launches, not seven."""
+    """Five small tensors of 16k elements share one launch; a ragged small one and a big one get their own."""
     monkeypatch.setattr(kernels, "MULTI_TENSOR_MAX_NUMEL", 2048)
     launched = []
     real_launch = kernels.launch
     monkeypatch.setattr(kernels, "launch", lambda spec, grid, **a: (launched.append(spec.name),
                                                                      real_launch(spec, grid, **a)))
-    sizes = [(3,), (5,), (64,), (1,), (2, 2), (129,), (kernels.MULTI_TENSOR_MAX_NUMEL + 1,)]
+    sizes = [(16,), (32,), (64,), (2, 8), (4, 32), (129,), (kernels.MULTI_TENSOR_MAX_NUMEL + 1,)]
     ps = [torch.randn(s, device=DEVICE) for s in sizes]
     gs, ms, vs = ([torch.randn(s, device=DEVICE) for s in sizes] for _ in range(3))
     kernels.plain_adamw_steps_(ps, gs, ms, [v.abs() for v in vs], scalars=reference.adamw_scalars(step=1, **ADAM))
-    assert sorted(launched) == ["plain/adamw/param-fp32/state-fp32", "plain_multi/adamw/param-fp32/state-fp32"]
+    assert sorted(launched) == ["plain/adamw/param-fp32/state-fp32"] * 2 + ["plain_multi/adamw/param-fp32/state-fp32"]
 
 
 # ---------------------------------------------------------------- through the optimizer
