@@ -166,7 +166,7 @@ def main(argv=None) -> int:
     full = args.match is None and args.targets == list(TARGETS)
     jobs = [(s, t) for s in specs for t in args.targets]
     started = time.perf_counter()
-    compiled = compile_jobs([(build_for_spec(s), t) for s, t in jobs], workers=args.workers)
+    compiled = compile_jobs([(build_for_spec(s, t), t) for s, t in jobs], workers=args.workers)
     seconds = time.perf_counter() - started
     records = [record(s, c) for (s, _), c in zip(jobs, compiled, strict=True)]
     step_rows = steps(records)

@@ -158,7 +158,22 @@ def launch(spec: KernelSpec, grid: tuple, **args) -> None:
                 raise ValueError(f"kernel {spec.name}: {name} is not 16-byte aligned; pass a fresh (cloned) tensor")
     if math.prod(grid) == 0:
         return
-    spec.fn[grid](**args, **spec.constexprs, num_warps=spec.num_warps, **spec.options)
+    constexprs = spec.constexprs_for(_capability(next(v for v in args.values() if isinstance(v, torch.Tensor))))
+    spec.fn[grid](**args, **constexprs, num_warps=spec.num_warps, **spec.options)
+
+
+_CAPABILITIES: dict = {}
+
+
+def _capability(t: torch.Tensor) -> int:
+    """The ``TARGET`` constexpr for a launch on ``t``'s device: 90 for an H100, 0 on the interpreter."""
+    if t.device.type != "cuda" or interpreter_enabled():
+        return 0
+    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    if index not in _CAPABILITIES:
+        major, minor = torch.cuda.get_device_capability(index)
+        _CAPABILITIES[index] = 10 * major + minor
+    return _CAPABILITIES[index]
 
 
 _DUMMIES: dict = {}

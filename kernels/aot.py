@@ -214,15 +214,16 @@ STREAM_ARGS = ("codes_ptr", "grad_ptr", "exp_avg_ptr", "exp_avg_sq_ptr", "master
 _TYPE_BITS = {"u8": 8, "i8": 8, "bf16": 16, "fp16": 16, "fp32": 32, "i32": 32, "i64": 64}
 
 
-def build_for_spec(spec) -> KernelBuild:
-    """The :class:`KernelBuild` of an ``eco.kernels.specs.KernelSpec`` in the aligned case.
+def build_for_spec(spec, target: str) -> KernelBuild:
+    """The :class:`KernelBuild` of an ``eco.kernels.specs.KernelSpec`` for ``target``, in the aligned case.
 
-    Its pointers are 16-byte aligned (the launcher checks it) and its shape
+    Its constexprs are those a launch on that target takes (``TARGET``), its
+    pointers are 16-byte aligned (the launcher checks it) and its shape
     arguments multiples of 16 (see ``SHAPE_ARGS``).
     """
     aligned = tuple(spec.aligned) + tuple(a for a in SHAPE_ARGS if a in spec.signature and a not in spec.aligned)
-    return KernelBuild.of(spec.fn, spec.signature, spec.constexprs, aligned, num_warps=spec.num_warps,
-                          options=spec.options)
+    return KernelBuild.of(spec.fn, spec.signature, spec.constexprs_for(TARGETS[target]), aligned,
+                          num_warps=spec.num_warps, options=spec.options)
 
 
 def elements_per_thread(spec) -> int:

@@ -12,7 +12,9 @@ values ``2**-6 <= |x| <= 448``; below ``2**-6`` the subnormals ``k * 2**-9``
 :func:`encode_nearest` rounds to nearest, ties to even, exactly as torch's cast
 for every ``|x| <= 448``; larger magnitudes (and inf) saturate to 448, as
 torch 2.13's CPU cast does; NaN encodes as +0 (torch keeps NaN) so that a code
-is never NaN.
+is never NaN. :func:`encode_native`/:func:`decode_native` are the same
+conversions with the sm_89+ instructions (fewer SASS instructions); the kernels
+take them only when compiled for such a target (``TARGET >= 89``).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ ROUND_MAGIC = tl.constexpr(12582912.0)
 E4M3_MAX_CODE = tl.constexpr(0x7E)  # 448 = 1.75 * 2**8
 # (fp32 biased exponent 121 = 2**-6, mantissa 0) >> 20 minus E4M3 code 0x08 for 2**-6.
 FP32_TO_E4M3_SHIFTED_BIAS = tl.constexpr((121 << 3) - 0x08)
+TWO_POW_120 = tl.constexpr(2.0**120)
+TWO_POW_33 = tl.constexpr(2.0**33)
 
 
 @triton.jit
@@ -57,32 +61,57 @@ def encode_nearest(x):
 
 @triton.jit
 def decode(byte):
-    """E4M3 byte (any integer type holding 0..255) -> fp32 value."""
+    """E4M3 byte (any integer type holding 0..255) -> fp32 value (NaN for 0x7F/0xFF, as torch).
+
+    The 7 magnitude bits placed at fp32 bits 20..26 read as an fp32 (a subnormal
+    one for E4M3 subnormals) equal the value times 2**-120, so one exact
+    multiplication by 2**120 decodes normals and subnormals alike.
+    """
     b = byte.to(tl.int32) & 0xFF
-    exponent = (b >> 3) & 0xF
-    mantissa = b & 7
-    normal = (((exponent + 120) << 23) | (mantissa << 20)).to(tl.float32, bitcast=True)
-    value = tl.where(exponent == 0, mantissa.to(tl.float32) * FP8_SUBNORMAL_STEP, normal)
-    value = tl.where((b & 0x7F) == 0x7F, float("nan"), value)
-    return tl.where((b & 0x80) != 0, -value, value)
+    magnitude = ((b & 0x7F) << 20).to(tl.float32, bitcast=True) * TWO_POW_120
+    magnitude = tl.where((b & 0x7F) == 0x7F, float("nan"), magnitude)
+    return (magnitude.to(tl.int32, bitcast=True) | ((b & 0x80) << 24)).to(tl.float32, bitcast=True)
 
 
 @triton.jit
-def round_stochastic(y, u):
-    """Stochastically round ``|y| <= 448`` onto the E4M3 grid with uniform ``u`` in [0, 1).
+def encode_native(x):
+    """:func:`encode_nearest` with the sm_89+ conversion (``cvt.rn.satfinite.e4m3x2.f32``), for ``|x| <= 448``.
 
-    Mirrors ``eco.formats.FP8.round_stochastic``: the grid spacing at ``|y|`` is
-    ``2**(e - 3)`` in the binade ``[2**e, 2**(e+1))``, ``e >= -6``; round up with
-    probability (distance to the lower grid point) / spacing. Returns the fp32
-    grid value (exactly representable in E4M3), sign kept (``-0.0`` stays negative).
+    Same codes for every finite ``|x| <= 448`` (the callers clamp first); not for
+    sm_80, which has no such instruction, nor for the interpreter, whose fp8 cast
+    rounds wrongly when the mantissa carries into the exponent.
+    """
+    return x.to(tl.float8e4nv).to(tl.uint8, bitcast=True).to(tl.int32)
+
+
+@triton.jit
+def decode_native(byte):
+    """:func:`decode` with the sm_89+ conversion (E4M3 -> f16 -> fp32, both exact)."""
+    return byte.to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def round_stochastic(y, r):
+    """Stochastically round ``|y| <= 448`` onto the E4M3 grid with 32 random bits ``r`` (uint32).
+
+    The distribution of ``eco.formats.FP8.round_stochastic``: the grid spacing
+    at ``|y|`` is ``2**(e - 3)`` in the binade ``[2**e, 2**(e+1))``, ``e >= -6``
+    (``2**-9`` below); round up with probability (distance to the lower grid
+    point) / spacing. Done on the fp32 pattern: add random bits below the grid
+    spacing's bit (the top ``drop`` bits of ``r``), then truncate; a carry moves
+    into the exponent. Exactly unbiased for ``|y| >= 2**-9``; below, the step
+    ``2**-9`` is taken with probability ``floor(|y| * 2**33) / 2**24``. This is the
+    reference's decision with ``u = (~r >> 8 & 0xFFFFFF) / 2**24`` (see the tests).
+    Returns the fp32 grid value, sign kept (``-0.0`` stays negative).
     """
     bits = y.to(tl.int32, bitcast=True)
     mag_bits = bits & 0x7FFFFFFF
-    mag = mag_bits.to(tl.float32, bitcast=True)
-    binade = tl.maximum((mag_bits >> 23) - 127, -6)
-    ulp = ((binade - 3 + 127) << 23).to(tl.float32, bitcast=True)
-    inv_ulp = ((3 - binade + 127) << 23).to(tl.float32, bitcast=True)
-    lower = tl.floor(mag * inv_ulp) * ulp
-    frac = (mag - lower) * inv_ulp
-    out = tl.minimum(tl.where(u < frac, lower + ulp, lower), 448.0)
-    return tl.where(bits < 0, -out, out)
+    drop = tl.minimum(20 + tl.maximum(121 - (mag_bits >> 23), 0), 23)
+    noise = (r >> (32 - drop)).to(tl.int32)
+    rounded = (((mag_bits + noise) >> drop) << drop).to(tl.float32, bitcast=True)
+    # |y| < 2**-9: between 0 and the first subnormal 2**-9, in 24-bit fixed point.
+    tiny_fixed = (tl.minimum(mag_bits.to(tl.float32, bitcast=True), FP8_SUBNORMAL_STEP) * TWO_POW_33).to(tl.int32)
+    tiny_up = tiny_fixed + (r >> 8).to(tl.int32) >= (1 << 24)
+    tiny = tl.where(tiny_up, FP8_SUBNORMAL_STEP, 0.0)
+    out = tl.where(mag_bits < (118 << 23), tiny, rounded)
+    return (out.to(tl.int32, bitcast=True) | (bits & -0x80000000)).to(tl.float32, bitcast=True)

@@ -6,6 +6,12 @@ host scalars passed as fp32, IEEE division (``div_rn``) and square root
 contraction (launched with ``enable_fp_fusion=False``). That is what makes the
 codes bit-identical to the reference under round-to-nearest.
 
+``TARGET`` (a constexpr: the compute capability compiled for, 0 under the
+interpreter; see ``specs.KernelSpec.constexprs_for``) picks the conversions:
+bf16 stores use the hardware's round-to-nearest-even when compiled, and
+sm_89+ encodes/decodes E4M3 with its conversion instructions; sm_80 and the
+interpreter use the bit codec of ``e4m3``.
+
 Tiles: a program owns ``BLOCK`` logical elements of one row (grid = rows x
 column tiles), viewed as ``[BLOCK // GW, GW]`` so that a block/group format
 (``GROUP > 0``, ``GW = GROUP``) reduces its absmax along axis 1 in registers.
@@ -32,6 +38,9 @@ ZERO_GROUP_ABSMAX = tl.constexpr(2.0**-100)  # eco.formats.ZERO_GROUP_ABSMAX; co
 OPT_ADAMW = 0
 OPT_SGD = 1
 OPT_QUANTIZE = 2  # no optimizer: w~ is the input tensor (quantize kernels)
+# Philox4x32 rounds for stochastic rounding (Triton's default is 10); 7 rounds pass
+# TestU01's BigCrush (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC 2011).
+PHILOX_ROUNDS = tl.constexpr(7)
 
 
 @triton.jit
@@ -43,9 +52,13 @@ def to_bf16_rne(x):
 
 
 @triton.jit
-def store_state(ptr, offsets, value, mask):
-    """Store fp32 ``value`` into a state tensor of fp32 or bf16 (rounded to nearest even)."""
-    if ptr.dtype.element_ty == tl.bfloat16:
+def store_state(ptr, offsets, value, mask, TARGET: tl.constexpr):
+    """Store fp32 ``value`` into a state tensor of fp32 or bf16 (rounded to nearest even).
+
+    Compiled (``TARGET > 0``) the hardware conversion rounds to nearest even;
+    the interpreter's cast truncates, so there it is done on the bits.
+    """
+    if ptr.dtype.element_ty == tl.bfloat16 and TARGET == 0:
         tl.store(ptr + offsets, to_bf16_rne(value), mask=mask)
     else:
         tl.store(ptr + offsets, value.to(ptr.dtype.element_ty), mask=mask)
@@ -105,11 +118,24 @@ def scale_pair(absmax, RHO: tl.constexpr):
 
 
 @triton.jit
-def quantize_values(w_tilde, inv_scale, offsets, seed, IS_INT4: tl.constexpr, STOCHASTIC: tl.constexpr):
+def tile_random_bits(seed, row, first_col, n_cols, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """32 random bits (uint32) per element of the ``[ROWS, COLS]`` tile of ``row`` starting at ``first_col``.
+
+    One Philox call (key = ``seed``) serves four consecutive elements of a row:
+    counter ``row * ceil(n_cols / 4) + col // 4``, output ``col % 4``. So each
+    element's bits depend on its position only (not on the tiling), and every
+    element of a step gets its own 32 bits. ``PHILOX_ROUNDS`` rounds.
+    """
+    quad = (first_col + tl.arange(0, ROWS)[:, None] * COLS + 4 * tl.arange(0, COLS // 4)[None, :]) // 4
+    r0, r1, r2, r3 = tl.randint4x(seed, row * ((n_cols + 3) // 4) + quad, PHILOX_ROUNDS)
+    return tl.join(tl.join(r0, r2), tl.join(r1, r3)).reshape(ROWS, COLS)
+
+
+@triton.jit
+def quantize_values(w_tilde, inv_scale, random_bits, IS_INT4: tl.constexpr, STOCHASTIC: tl.constexpr):
     """Grid value (fp32, ``code`` itself for INT4, the E4M3 value for FP8) of ``w~ * inv_scale``.
 
-    Stochastic rounding draws one Philox number per logical element (counter =
-    element offset, key = ``seed``): reproducible, and independent of the tiling.
+    Stochastic rounding uses ``random_bits`` (see :func:`tile_random_bits`).
     A NaN (only reachable when a caller bypasses the optimizer's finite check) becomes 0.
     """
     y = w_tilde * inv_scale
@@ -117,7 +143,7 @@ def quantize_values(w_tilde, inv_scale, offsets, seed, IS_INT4: tl.constexpr, ST
     if IS_INT4:
         y = tl.minimum(tl.maximum(y, -7.0), 7.0)
         if STOCHASTIC:
-            u = (tl.randint(seed, offsets) >> 8).to(tl.float32) * (1.0 / 16777216.0)
+            u = (random_bits >> 8).to(tl.float32) * (1.0 / 16777216.0)
             lower = tl.floor(y)
             grid = tl.minimum(tl.maximum(tl.where(u < y - lower, lower + 1.0, lower), -7.0), 7.0)
         else:
@@ -125,25 +151,28 @@ def quantize_values(w_tilde, inv_scale, offsets, seed, IS_INT4: tl.constexpr, ST
     else:
         y = tl.minimum(tl.maximum(y, -448.0), 448.0)
         if STOCHASTIC:
-            u = (tl.randint(seed, offsets) >> 8).to(tl.float32) * (1.0 / 16777216.0)
-            grid = e4m3.round_stochastic(y, u)
+            grid = e4m3.round_stochastic(y, random_bits)
         else:
-            grid = y  # encode_nearest rounds; decode(encode(y)) gives the grid value
+            grid = y  # the encoder rounds; decode(encode(y)) gives the grid value
     return grid
 
 
 @triton.jit
-def finish_element(w_tilde, m_tilde, v_new, d, scale, inv_scale, offsets, mask, seed, inject,
+def finish_element(w_tilde, m_tilde, v_new, d, scale, inv_scale, offsets, mask, random_bits, inject,
                    exp_avg_ptr, exp_avg_sq_ptr, master_ptr,
-                   OPT: tl.constexpr, IS_INT4: tl.constexpr, STOCHASTIC: tl.constexpr, HAS_MASTER: tl.constexpr):
+                   OPT: tl.constexpr, IS_INT4: tl.constexpr, STOCHASTIC: tl.constexpr, HAS_MASTER: tl.constexpr,
+                   TARGET: tl.constexpr):
     """Quantize ``w~``, inject the error into ``m``, store the moments; return the code bits."""
-    grid = quantize_values(w_tilde, inv_scale, offsets, seed, IS_INT4, STOCHASTIC)
+    grid = quantize_values(w_tilde, inv_scale, random_bits, IS_INT4, STOCHASTIC)
     if IS_INT4:
         code = grid.to(tl.int32) + 8
         stored = (code - 8).to(tl.float32)  # as the reference decodes it (-0.0 becomes +0.0)
+    elif TARGET >= 89:
+        code = e4m3.encode_native(grid)
+        stored = grid if STOCHASTIC else e4m3.decode_native(code)  # a stochastic grid value is exact
     else:
         code = e4m3.encode_nearest(grid)
-        stored = e4m3.decode(code)
+        stored = grid if STOCHASTIC else e4m3.decode(code)
     if OPT != 2:
         m_new = m_tilde
         if not HAS_MASTER:
@@ -151,9 +180,9 @@ def finish_element(w_tilde, m_tilde, v_new, d, scale, inv_scale, offsets, mask, 
             m_new = tl.where(inject != 0.0, m_tilde + (inject * d) * error, m_tilde)
         else:
             tl.store(master_ptr + offsets, w_tilde, mask=mask)
-        store_state(exp_avg_ptr, offsets, m_new, mask)
+        store_state(exp_avg_ptr, offsets, m_new, mask, TARGET)
         if OPT == 0:
-            store_state(exp_avg_sq_ptr, offsets, v_new, mask)
+            store_state(exp_avg_sq_ptr, offsets, v_new, mask, TARGET)
     return code
 
 
@@ -163,7 +192,7 @@ def eco_step_kernel(
     n_cols, code_cols, rows_per_scale, n_scale_groups, seed,
     k0, k1, k2, k3, k4, k5, k6, k7, inject,
     OPT: tl.constexpr, IS_INT4: tl.constexpr, GROUP: tl.constexpr, BLOCK: tl.constexpr,
-    STOCHASTIC: tl.constexpr, HAS_MASTER: tl.constexpr, PASS: tl.constexpr,
+    STOCHASTIC: tl.constexpr, HAS_MASTER: tl.constexpr, PASS: tl.constexpr, TARGET: tl.constexpr,
 ):
     """One ECO step (or a plain quantize, ``OPT == 2``) for a ``BLOCK``-element tile of one row.
 
@@ -209,7 +238,7 @@ def eco_step_kernel(
         if IS_INT4:
             base = (unpack_nibbles(byte, BLOCK // GW, GW) - 8).to(tl.float32) * old_scale
         else:
-            base = e4m3.decode(byte) * old_scale
+            base = decode_e4m3(byte, TARGET) * old_scale
     m_t, v_n, d, w_t = w_tilde_of(offsets, mask, base, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, src_ptr,
                                   k0, k1, k2, k3, k4, k5, k6, k7, OPT)
     absmax = tl.max(tl.abs(w_t), axis=1)
@@ -229,11 +258,21 @@ def eco_step_kernel(
     else:
         tl.store(scales_ptr + scale_index, scale, mask=owns_scale)
 
-    code = finish_element(w_t, m_t, v_n, d, scale, inv_scale, offsets, mask, seed, inject,
-                          exp_avg_ptr, exp_avg_sq_ptr, master_ptr, OPT, IS_INT4, STOCHASTIC, HAS_MASTER)
+    random_bits = tile_random_bits(seed, row, tile * BLOCK, n_cols, BLOCK // GW, GW) if STOCHASTIC else 0
+    code = finish_element(w_t, m_t, v_n, d, scale, inv_scale, offsets, mask, random_bits, inject,
+                          exp_avg_ptr, exp_avg_sq_ptr, master_ptr, OPT, IS_INT4, STOCHASTIC, HAS_MASTER, TARGET)
     if IS_INT4:
         code = pack_nibbles(tl.where(mask, code, 8), BLOCK // GW, GW)  # an odd last dimension pads with code 0
     tl.store(codes_ptr + code_offsets, code.to(tl.uint8), mask=code_mask)
+
+
+@triton.jit
+def decode_e4m3(byte, TARGET: tl.constexpr):
+    """:func:`e4m3.decode`, with the hardware conversion where the target has one (sm_89+)."""
+    if TARGET >= 89:
+        return e4m3.decode_native(byte)
+    else:
+        return e4m3.decode(byte)
 
 
 @triton.jit
@@ -251,7 +290,7 @@ def pack_nibbles(code, ROWS: tl.constexpr, COLS: tl.constexpr):
 
 @triton.jit
 def dequantize_kernel(codes_ptr, scales_ptr, out_ptr, n_cols, code_cols, rows_per_scale,
-                      IS_INT4: tl.constexpr, GROUP: tl.constexpr, BLOCK: tl.constexpr):
+                      IS_INT4: tl.constexpr, GROUP: tl.constexpr, BLOCK: tl.constexpr, TARGET: tl.constexpr):
     """``code * scale`` (fp32) cast to the output dtype, for a ``BLOCK``-element tile of one row."""
     row = tl.program_id(0).to(tl.int64)
     col = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -267,13 +306,13 @@ def dequantize_kernel(codes_ptr, scales_ptr, out_ptr, n_cols, code_cols, rows_pe
         code = unpack_nibbles(byte, 1, BLOCK).reshape(BLOCK) - 8
         value = code.to(tl.float32) * scale
     else:
-        value = e4m3.decode(tl.load(codes_ptr + offsets, mask=mask, other=0)) * scale
-    store_state(out_ptr, offsets, value, mask)
+        value = decode_e4m3(tl.load(codes_ptr + offsets, mask=mask, other=0), TARGET) * scale
+    store_state(out_ptr, offsets, value, mask, TARGET)
 
 
 @triton.jit
 def plain_tile(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, offsets, mask,
-               k0, k1, k2, k3, k4, k5, k6, k7, OPT: tl.constexpr):
+               k0, k1, k2, k3, k4, k5, k6, k7, OPT: tl.constexpr, TARGET: tl.constexpr):
     """``reference.plain_adamw_step_`` / ``plain_sgd_step_`` on one tile (scalars as in :func:`w_tilde_of`)."""
     p = tl.load(param_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
@@ -282,26 +321,28 @@ def plain_tile(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, offsets, mask,
         v = tl.load(exp_avg_sq_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         m_new, v_new, d = adamw_moments(g, m, v, k0, k1, k2, k3, k4, k5)
         p_new = p * k6 - k7 * tl.math.div_rn(m_new, d)
-        store_state(exp_avg_sq_ptr, offsets, v_new, mask)
+        store_state(exp_avg_sq_ptr, offsets, v_new, mask, TARGET)
     else:
         m_new = sgd_momentum(g, m, p, k0, k1, k2)
         p_new = p - k3 * m_new
-    store_state(param_ptr, offsets, p_new, mask)
-    store_state(exp_avg_ptr, offsets, m_new, mask)
+    store_state(param_ptr, offsets, p_new, mask, TARGET)
+    store_state(exp_avg_ptr, offsets, m_new, mask, TARGET)
 
 
 @triton.jit
 def plain_step_kernel(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, numel,
-                      k0, k1, k2, k3, k4, k5, k6, k7, OPT: tl.constexpr, BLOCK: tl.constexpr):
+                      k0, k1, k2, k3, k4, k5, k6, k7, OPT: tl.constexpr, BLOCK: tl.constexpr,
+                      TARGET: tl.constexpr):
     """Plain AdamW/SGD step of one tensor, ``BLOCK`` elements per program."""
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     plain_tile(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, offsets, offsets < numel,
-               k0, k1, k2, k3, k4, k5, k6, k7, OPT)
+               k0, k1, k2, k3, k4, k5, k6, k7, OPT, TARGET)
 
 
 @triton.jit
 def plain_multi_step_kernel(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, table_ptr,
-                            k0, k1, k2, k3, k4, k5, k6, k7, OPT: tl.constexpr, BLOCK: tl.constexpr):
+                            k0, k1, k2, k3, k4, k5, k6, k7, OPT: tl.constexpr, BLOCK: tl.constexpr,
+                            TARGET: tl.constexpr):
     """Plain AdamW/SGD step of many tensors in one launch.
 
     The four pointers are the first tensor of each list; ``table_ptr`` (int64)
@@ -323,7 +364,7 @@ def plain_multi_step_kernel(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, ta
     plain_tile(param_ptr + aligned_offset(param_ptr, entry + 1), grad_ptr + aligned_offset(grad_ptr, entry + 2),
                exp_avg_ptr + aligned_offset(exp_avg_ptr, entry + 3),
                exp_avg_sq_ptr + aligned_offset(exp_avg_sq_ptr, entry + 4), offsets, mask,
-               k0, k1, k2, k3, k4, k5, k6, k7, OPT)
+               k0, k1, k2, k3, k4, k5, k6, k7, OPT, TARGET)
 
 
 @triton.jit

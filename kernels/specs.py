@@ -18,7 +18,9 @@ Fields of a :class:`KernelSpec`:
     ``"fp32"`` for scalars, ``"constexpr"`` for compile-time arguments. Ready
     for ``triton.compiler.ASTSource(fn, signature, constexprs, attrs)``.
 ``constexprs``
-    Compile-time argument name -> value (ints and bools only).
+    Compile-time argument name -> value (ints and bools only). ``TARGET`` is
+    0 here (the portable code the interpreter runs); a launch or an ahead-of-time
+    build takes :meth:`KernelSpec.constexprs_for` its device's compute capability.
 ``aligned``
     Pointer arguments that are 16-byte aligned at every launch (the launcher
     checks it). :meth:`KernelSpec.attrs` turns them into ASTSource ``attrs``.
@@ -93,6 +95,10 @@ class KernelSpec:
         names = list(self.signature)
         return {(names.index(n),): [["tt.divisibility", 16]] for n in self.aligned}
 
+    def constexprs_for(self, capability: int) -> dict:
+        """The constexprs of a launch on compute capability ``capability`` (e.g. 90; 0: the interpreter)."""
+        return {**self.constexprs, "TARGET": capability}
+
     def runtime_args(self) -> list[str]:
         return [n for n, t in self.signature.items() if t != "constexpr"]
 
@@ -103,6 +109,7 @@ def _arg_names(fn) -> list[str]:
 
 def _spec(name, fn, types: dict, constexprs: dict, num_warps: int, meta: dict) -> KernelSpec:
     names = _arg_names(fn)
+    constexprs = {**constexprs, "TARGET": 0}  # every kernel takes it; see KernelSpec.constexprs_for
     missing = set(names) - set(types) - set(constexprs)
     if missing:
         raise AssertionError(f"spec {name}: no type for {sorted(missing)}")

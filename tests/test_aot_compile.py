@@ -225,7 +225,7 @@ def _spec_matrix():
 def spec_results():
     """``{(spec name, target): CompiledKernel}`` for the matrix, compiled once (no SASS: not asserted here)."""
     specs = _spec_matrix()
-    jobs = [(build_for_spec(s), t) for s in specs for t in TARGETS]
+    jobs = [(build_for_spec(s, t), t) for s in specs for t in TARGETS]
     started = time.perf_counter()
     compiled = compile_jobs(jobs, sass=False)
     print(f"\ncompiled {len(jobs)} kernels ({len(specs)} specializations x {len(TARGETS)} targets) "

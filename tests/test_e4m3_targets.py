@@ -27,7 +27,7 @@ BLOCK = 1024
 
 
 @triton.jit
-def _codec_kernel(x_ptr, u_ptr, nearest_ptr, decoded_ptr, stochastic_ptr, n, BLOCK: tl.constexpr):
+def _codec_kernel(x_ptr, r_ptr, nearest_ptr, decoded_ptr, stochastic_ptr, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     x = tl.load(x_ptr + offs, mask=mask, other=0.0)
@@ -36,18 +36,22 @@ def _codec_kernel(x_ptr, u_ptr, nearest_ptr, decoded_ptr, stochastic_ptr, n, BLO
     tl.store(decoded_ptr + offs, e4m3.decode(code.to(tl.uint8)), mask=mask)
     # Stochastic rounding as the step kernel calls it: on a clamped, finite value.
     y = tl.minimum(tl.maximum(x, -448.0), 448.0)
-    grid = e4m3.round_stochastic(y, tl.load(u_ptr + offs, mask=mask, other=0.0))
+    random_bits = tl.load(r_ptr + offs, mask=mask, other=0).to(tl.uint32, bitcast=True)
+    grid = e4m3.round_stochastic(y, random_bits)
     tl.store(stochastic_ptr + offs, e4m3.encode_nearest(grid).to(tl.uint8), mask=mask)
 
 
-def run_codec(x: torch.Tensor, u: torch.Tensor | None = None):
-    """``(nearest codes, decode(nearest codes), stochastic codes)`` of fp32 ``x`` via the kernel."""
+def run_codec(x: torch.Tensor, r: torch.Tensor | None = None):
+    """``(nearest codes, decode(nearest codes), stochastic codes)`` of fp32 ``x`` via the kernel.
+
+    ``r``: the 32 random bits per element of stochastic rounding (int32, read as uint32).
+    """
     x = x.float().contiguous()
-    u = torch.zeros_like(x) if u is None else u.float().contiguous()
+    r = torch.zeros(x.shape, dtype=torch.int32) if r is None else r.contiguous()
     nearest = torch.empty(x.shape, dtype=torch.uint8)
     stochastic = torch.empty(x.shape, dtype=torch.uint8)
     decoded = torch.empty_like(x)
-    _codec_kernel[(triton.cdiv(x.numel(), BLOCK),)](x, u, nearest, decoded, stochastic, x.numel(), BLOCK=BLOCK)
+    _codec_kernel[(triton.cdiv(x.numel(), BLOCK),)](x, r, nearest, decoded, stochastic, x.numel(), BLOCK=BLOCK)
     return nearest, decoded, stochastic
 
 
@@ -140,25 +144,39 @@ def test_random_values_across_the_range_match_torch():
     assert torch.equal(decoded, torch_codes(x).view(torch.float8_e4m3fn).float())
 
 
+def reference_uniform(random_bits: torch.Tensor) -> torch.Tensor:
+    """The uniform under which ``eco.formats.FP8.round_stochastic`` decides as the kernel's bits do."""
+    return ((~random_bits.long() >> 8) & 0xFFFFFF).float() / 2.0**24
+
+
 def test_stochastic_rounding_matches_the_reference_bit_for_bit():
-    """Same uniforms in, same grid values out as ``eco.formats.FP8.round_stochastic``."""
+    """Random bits in, the reference's grid values out (given the corresponding uniforms)."""
     g = torch.Generator().manual_seed(2)
     exponent = torch.randint(-12, 9, (8192,), generator=g).float()
     y = (torch.randn(8192, generator=g) * torch.exp2(exponent)).clamp(-448.0, 448.0)
-    y = torch.cat([y, neighbour_midpoints(), ALL_VALUES[FINITE], torch.tensor([448.0, -448.0, 2.0**-10])])
-    u = torch.rand(y.shape, generator=torch.Generator().manual_seed(3))
-    reference = FP8().round_stochastic(y, torch.Generator().manual_seed(3))
-    _, _, stochastic = run_codec(y, u)
+    tiny = torch.arange(1, 64, dtype=torch.float32) * 2.0**-15  # below the first subnormal 2**-9
+    y = torch.cat([y, neighbour_midpoints(), ALL_VALUES[FINITE], tiny, -tiny,
+                   torch.tensor([448.0, -448.0, 2.0**-10])])
+    random_bits = torch.randint(-(2**31), 2**31, y.shape, generator=torch.Generator().manual_seed(3),
+                                dtype=torch.int64).int()
+    reference = FP8().round_stochastic(y, None, uniform=lambda _: reference_uniform(random_bits))
+    _, _, stochastic = run_codec(y, random_bits)
     assert torch.equal(stochastic, reference.to(torch.float8_e4m3fn).view(torch.uint8))
     # Exact grid values never move; everything else lands on one of its two neighbours.
     on_grid = torch_codes(y).view(torch.float8_e4m3fn).float() == y
     assert torch.equal(stochastic[on_grid], torch_codes(y)[on_grid])
+    # The extremes: no random bits round toward zero, all random bits away from zero (off the grid).
+    down = FP8().round_stochastic(y, None, uniform=lambda _: torch.full_like(y, 1 - 2.0**-24))
+    up = FP8().round_stochastic(y, None, uniform=lambda _: torch.zeros_like(y))
+    assert torch.equal(run_codec(y, torch.zeros_like(random_bits))[2], down.to(torch.float8_e4m3fn).view(torch.uint8))
+    assert torch.equal(run_codec(y, torch.full_like(random_bits, -1))[2], up.to(torch.float8_e4m3fn).view(torch.uint8))
+    assert (up.abs() > y.abs())[~on_grid].all()
 
 
 @pytest.fixture(scope="module")
 def compiled_codec():
     signature = {
-        "x_ptr": "*fp32", "u_ptr": "*fp32", "nearest_ptr": "*u8", "decoded_ptr": "*fp32",
+        "x_ptr": "*fp32", "r_ptr": "*i32", "nearest_ptr": "*u8", "decoded_ptr": "*fp32",
         "stochastic_ptr": "*u8", "n": "i32", "BLOCK": "constexpr",
     }
     aligned = [name for name in signature if name != "BLOCK"]
