@@ -9,7 +9,9 @@ random tensors: only the step is timed.
 Arms:
 
 - ``eco/<format>/<state>/<path>``: eco.AdamW, stochastic rounding, bf16 logical
-  weights and gradients; ``path`` is ``kernel`` (CUDA only) or ``reference``.
+  weights and gradients; ``path`` is ``kernel`` (CUDA only), ``compiled`` (CPU,
+  ``backend="compiled"``: the reference compiled by torch.compile, during the
+  warm-up steps) or ``reference`` (eager, what ``backend="auto"`` runs on CPU).
 - ``torch-foreach`` / ``torch-fused``: ``torch.optim.AdamW`` on fp32 parameters
   of the same shapes with fp32 gradients and states (the fp32 master weights of
   standard mixed precision); ``fused`` where the device has it (CUDA).
@@ -24,7 +26,7 @@ parameters per second, effective bandwidth (the bytes a fused step must move,
 8-bit states with bf16 weights and gradients), and the ratio to torch AdamW
 measured in the same run. Writes ``bench/results/step_speed_<device>.json``.
 
-Usage: ``python bench/step_speed.py`` (CPU: a small config, reference path only)
+Usage: ``python bench/step_speed.py`` (CPU: a small config, compiled and eager reference paths)
 or on a GPU ``python bench/step_speed.py --config 1b``.
 """
 
@@ -41,7 +43,7 @@ from pathlib import Path
 import torch
 
 import eco
-from eco import kernels
+from eco import compiled, kernels
 
 CONFIGS = {  # hidden, intermediate, layers, vocab, heads, kv heads
     "cpu-small": dict(hidden=512, intermediate=1408, layers=2, vocab=8192, heads=8, kv_heads=4),
@@ -50,6 +52,7 @@ CONFIGS = {  # hidden, intermediate, layers, vocab, heads, kv heads
 FORMATS = {"fp8-row": eco.FP8(), "fp8-block128": eco.FP8(block_size=128), "int4-tensor": eco.INT4(),
            "int4-group32": eco.INT4(group_size=32)}
 STATES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+BACKEND_OF_PATH = {"kernel": "triton", "compiled": "compiled", "reference": "reference"}
 
 
 def weight_shapes(cfg: dict) -> list[tuple[str, tuple[int, ...], bool]]:
@@ -101,7 +104,7 @@ def eco_arm(shapes, fmt_name, state_name, path, device, gen) -> Arm:
         p.grad = (torch.randn(shape, generator=gen) * 1e-3).to(device=device, dtype=torch.bfloat16)
         params.append(p)
     opt = eco.AdamW(params, lr=1e-4, betas=(0.9, 0.98), eps=1e-9, weight_decay=0.1, rounding="stochastic",
-                    state_dtype=state_dtype, seed=0, backend="triton" if path == "kernel" else "reference")
+                    state_dtype=state_dtype, seed=0, backend=BACKEND_OF_PATH[path])
     return Arm(f"eco/{fmt_name}/{state_name}/{path}", params, opt, total_bytes)
 
 
@@ -174,6 +177,10 @@ def main(argv=None) -> dict:
         paths = ["kernel", "reference"]
     else:
         skipped["eco kernel path"] = f"not run on {device.type}: {kernels.unavailable_reason()}"
+        if compiled.supports(torch.empty(0, device=device)):
+            paths = ["compiled", "reference"]
+        else:
+            skipped["eco compiled path"] = f"not run: {compiled.unavailable_reason() or 'not a CPU device'}"
     factories = []  # (name, build): arms are built lazily so that a GPU holds one parameter set at a time
     for impl in ("foreach", "fused"):
         if impl == "fused" and device.type != "cuda":

@@ -9,7 +9,8 @@ Per parameter, the step is one call into a backend with the signatures of
 ``eco.reference``: the Triton kernels (``eco.kernels``) for CUDA tensors when
 Triton is importable, the plain-torch reference otherwise.
 ``backend="reference"`` or the environment variable ``ECO_BACKEND=reference``
-forces the reference path.
+forces the reference path; ``backend="compiled"`` runs CPU tensors through the
+reference compiled by ``torch.compile`` into one fused loop (``eco.compiled``).
 
 Three switches give every arm of the paper's Table 1 through one code path:
 ``error_feedback=False`` is naive master-weight removal; ``master_weights=True``
@@ -30,11 +31,11 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from . import reference
+from . import compiled, reference
 from .formats import check_rounding
 from .qparam import QuantizedTensor
 
-BACKENDS = ("auto", "reference", "triton")
+BACKENDS = ("auto", "reference", "compiled", "triton")
 NONFINITE_POLICIES = ("skip", "raise")
 STATE_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -43,6 +44,13 @@ def _select_backend(choice: str, param: torch.Tensor):
     choice = os.environ.get("ECO_BACKEND", choice)
     if choice == "reference":
         return reference
+    if choice == "compiled":
+        if not compiled.supports(param):
+            raise RuntimeError(
+                f"backend='compiled' runs CPU tensors through torch.compile; got a {param.device} tensor "
+                f"({compiled.unavailable_reason() or 'not a CPU tensor'}). Use backend='auto'."
+            )
+        return compiled
     from . import kernels
 
     # backend="triton" also runs CPU tensors under TRITON_INTERPRET=1 (how the tests prove the kernels)
@@ -276,7 +284,7 @@ class AdamW(_ECOOptimizer):
         decay_corrected_injection: multiply the injection by ``1 - lr*wd`` (the paper form is the default).
         seed, generator: make stochastic rounding reproducible (a CPU generator draws one seed per step and tensor).
         nonfinite: ``"skip"`` or ``"raise"`` on NaN/inf gradients (see module docstring).
-        backend: ``"auto"``, ``"reference"`` or ``"triton"``.
+        backend: ``"auto"``, ``"reference"``, ``"compiled"`` or ``"triton"`` (see module docstring).
     """
 
     moment_names = ("exp_avg", "exp_avg_sq")

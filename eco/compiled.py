@@ -1,0 +1,184 @@
+"""The CPU fast path: the reference update compiled by ``torch.compile`` into one fused loop.
+
+The eager reference runs a step as some twenty separate torch ops, each
+reading and writing full-size temporaries. This module hands the very same
+functions (``eco.reference.*_update_``) to inductor, which fuses them into one
+C++ loop per tensor. Same code, same numbers: inductor's fp32 division and
+square root are correctly rounded and it compiles without FMA contraction, so
+codes, scales and moments are bit-identical to the eager reference with the
+same random numbers (tests/test_compiled.py checks every format, rounding,
+optimizer and state dtype).
+
+Randomness: stochastic rounding draws from :func:`counter_uniform`, a hash of
+(seed, element index) that inductor fuses into the same loop; ``torch.rand``
+alone would cost more than the whole fused step. The eager reference draws from
+``torch.rand``, so under stochastic rounding the two paths give different (both
+unbiased) draws; under round-to-nearest nothing random is used.
+
+Cost: the first step of each combination of format, rounding, options, dtypes
+and shape compiles (a few seconds each on a small CPU; inductor keeps the result
+in its on-disk cache for later processes). Shapes are compiled static: with
+symbolic shapes inductor turns the block/group reductions into slow scalar
+loops (10-50x slower than static in bench measurements). So this path is opt-in,
+``backend="compiled"``; ``backend="auto"`` keeps the eager reference on CPU.
+Where compiling fails (no C++ compiler, an unsupported platform, too many
+recompilations) it warns once and runs the eager reference from then on.
+"""
+
+from __future__ import annotations
+
+import functools
+import shutil
+import warnings
+
+import torch
+
+from . import reference
+
+_MASK32 = 0xFFFFFFFF
+# lowbias32 (C. Wellons' 32-bit integer hash); the second multiplier is stored as its
+# negative residue mod 2**32 so that no int64 product overflows (x < 2**32, |c| < 2**31).
+_HASH_MUL1 = 0x7FEB352D
+_HASH_MUL2 = 0x846CA68B - (1 << 32)
+
+_failure: str | None = None  # why compiling failed here; set once, then auto stays eager
+
+
+def counter_uniform(seed: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """fp32 uniforms in [0, 1) shaped like ``y``: 24 bits of a hash of (``seed``, element index).
+
+    ``seed`` is a 0-d int64 tensor in [0, 2**62) (a tensor, so a new seed each step
+    is an input, not a recompile). Counter-based: the value of element ``i`` depends on ``i``
+    and the seed only, in eager and compiled code alike. Indices wrap at 2**32.
+    """
+    index = torch.arange(y.numel(), device=y.device, dtype=torch.int64).reshape(y.shape)
+    # The seed picks a stride (odd, < 2**30) and an offset, so two seeds walk different sequences.
+    x = (index * ((seed >> 32) | 1) + (seed & _MASK32)) & _MASK32
+    x = x ^ (x >> 16)
+    x = (x * _HASH_MUL1) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * _HASH_MUL2) & _MASK32
+    x = x ^ (x >> 16)
+    return (x >> 8).to(torch.float32) * (1.0 / 16777216.0)
+
+
+def unavailable_reason() -> str | None:
+    """Why this path cannot run here, or None when it can (as far as can be told without compiling)."""
+    if _failure is not None:
+        return _failure
+    if not any(shutil.which(cc) for cc in ("c++", "g++", "clang++")):
+        return "torch.compile on CPU needs a C++ compiler (c++, g++ or clang++ on PATH)"
+    return None
+
+
+def supports(param: torch.Tensor) -> bool:
+    """Whether ``param`` can be stepped here: a CPU tensor, and compiling has not failed."""
+    return param.device.type == "cpu" and unavailable_reason() is None
+
+
+def _compile(fn):
+    return torch.compile(fn, dynamic=False, fullgraph=True)
+
+
+def _seed_tensor(seed: int | None) -> torch.Tensor:
+    if seed is None:  # as the reference: follow torch's global generator
+        seed = int(torch.randint(0, 2**62, ()).item())
+    return torch.tensor(seed, dtype=torch.int64)
+
+
+@functools.cache
+def _adamw(fmt, rounding: str, update_weight: bool, injects: bool):
+    def step(codes, scales, grad, exp_avg, exp_avg_sq, master, k, seed):
+        reference.adamw_update_(
+            codes, scales, grad, exp_avg, exp_avg_sq, master, k, fmt=fmt, shape=exp_avg.shape, rounding=rounding,
+            uniform=functools.partial(counter_uniform, seed), update_weight=update_weight, injects=injects,
+        )
+    return _compile(step)
+
+
+@functools.cache
+def _sgd(fmt, rounding: str, update_weight: bool, injects: bool, decays: bool):
+    def step(codes, scales, grad, momentum_buf, master, k, seed):
+        reference.sgd_update_(
+            codes, scales, grad, momentum_buf, master, k, fmt=fmt, shape=momentum_buf.shape, rounding=rounding,
+            uniform=functools.partial(counter_uniform, seed), update_weight=update_weight, injects=injects,
+            decays=decays,
+        )
+    return _compile(step)
+
+
+@functools.cache
+def _plain_adamw():
+    return _compile(reference.plain_adamw_update_)
+
+
+@functools.cache
+def _plain_sgd(decays: bool):
+    return _compile(functools.partial(reference.plain_sgd_update_, decays=decays))
+
+
+def _dynamo_settings() -> dict:
+    """Room for one compiled graph per combination a process uses, and an error instead of a silent
+    eager fallback past that room (dynamo counts the graphs of all our closures together)."""
+    wanted = {"recompile_limit": 256, "fail_on_recompile_limit_hit": True}
+    return {k: v for k, v in wanted.items() if hasattr(torch._dynamo.config, k)}
+
+
+def _run(compiled_call, eager_call) -> None:
+    """Run the compiled step; if compiling fails, remember why, warn once and run the eager reference.
+
+    Compilation happens before the compiled code touches any tensor, so a
+    failure leaves the inputs as they were.
+    """
+    global _failure
+    if _failure is None:
+        try:
+            with torch._dynamo.config.patch(**_dynamo_settings()):
+                compiled_call()
+            return
+        except Exception as exc:  # inductor raises many types (BackendCompilerFailed, CppCompileError, ...)
+            _failure = f"torch.compile failed on this machine ({type(exc).__name__}: {str(exc)[:300]})"
+            warnings.warn(f"eco: {_failure}; using the eager reference path instead", RuntimeWarning,
+                          stacklevel=3)
+    eager_call()
+
+
+@torch.no_grad()
+def adamw_step_(codes, scales, grad, exp_avg, exp_avg_sq, master, *, fmt, shape, scalars, rounding, seed,
+                update_weight: bool = True) -> None:
+    """:func:`eco.reference.adamw_step_`, compiled (stochastic rounding from :func:`counter_uniform`)."""
+    fn = _adamw(fmt, rounding, update_weight, reference._injects(master, scalars))
+    k, seed_t = reference.coefficients(scalars), _seed_tensor(seed)
+    _run(lambda: fn(codes, scales, grad.reshape(shape), exp_avg, exp_avg_sq, master, k, seed_t),
+         lambda: reference.adamw_step_(codes, scales, grad, exp_avg, exp_avg_sq, master, fmt=fmt, shape=shape,
+                                       scalars=scalars, rounding=rounding, seed=seed, update_weight=update_weight))
+
+
+@torch.no_grad()
+def sgd_step_(codes, scales, grad, momentum_buf, master, *, fmt, shape, scalars, rounding, seed,
+              update_weight: bool = True) -> None:
+    """:func:`eco.reference.sgd_step_`, compiled (stochastic rounding from :func:`counter_uniform`)."""
+    fn = _sgd(fmt, rounding, update_weight, reference._injects(master, scalars), scalars.weight_decay != 0.0)
+    k, seed_t = reference.coefficients(scalars), _seed_tensor(seed)
+    _run(lambda: fn(codes, scales, grad.reshape(shape), momentum_buf, master, k, seed_t),
+         lambda: reference.sgd_step_(codes, scales, grad, momentum_buf, master, fmt=fmt, shape=shape,
+                                     scalars=scalars, rounding=rounding, seed=seed, update_weight=update_weight))
+
+
+@torch.no_grad()
+def plain_adamw_steps_(params, grads, exp_avgs, exp_avg_sqs, *, scalars) -> None:
+    """:func:`eco.reference.plain_adamw_steps_`, compiled (one fused loop per tensor)."""
+    k = reference.coefficients(scalars)
+    for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs, strict=True):
+        _run(lambda: _plain_adamw()(p, g, m, v, k),  # noqa: B023 - called before the loop moves on
+             lambda: reference.plain_adamw_step_(p, g, m, v, scalars=scalars))  # noqa: B023
+
+
+@torch.no_grad()
+def plain_sgd_steps_(params, grads, momentum_bufs, *, scalars) -> None:
+    """:func:`eco.reference.plain_sgd_steps_`, compiled (one fused loop per tensor)."""
+    k = reference.coefficients(scalars)
+    fn = _plain_sgd(scalars.weight_decay != 0.0)
+    for p, g, m in zip(params, grads, momentum_bufs, strict=True):
+        _run(lambda: fn(p, g, m, k),  # noqa: B023 - called before the loop moves on
+             lambda: reference.plain_sgd_step_(p, g, m, scalars=scalars))  # noqa: B023
