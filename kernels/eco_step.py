@@ -148,12 +148,10 @@ def quantize_values(w_tilde, inv_scale, random_bits, IS_INT4: tl.constexpr, STOC
             grid = tl.minimum(tl.maximum(tl.where(u < y - lower, lower + 1.0, lower), -7.0), 7.0)
         else:
             grid = e4m3.round_half_even(y)
+    elif STOCHASTIC:
+        grid = e4m3.round_stochastic(tl.minimum(tl.maximum(y, -448.0), 448.0), random_bits)
     else:
-        y = tl.minimum(tl.maximum(y, -448.0), 448.0)
-        if STOCHASTIC:
-            grid = e4m3.round_stochastic(y, random_bits)
-        else:
-            grid = y  # the encoder rounds; decode(encode(y)) gives the grid value
+        grid = y  # both encoders round and saturate at 448; decode(encode(y)) gives the grid value
     return grid
 
 
