@@ -44,6 +44,12 @@ read g 2, master 4, m 4, v 4; write master 4, m 4, v 4, bf16 weight 2.
 Plain parameters: AdamW reads p, g, m, v and writes p, m, v (28 bytes with
 fp32 everything, 16 with bf16 param and bf16 states).
 
+Each launch compiles for its device (the ``TARGET`` constexpr, see
+``specs.KernelSpec.constexprs_for``): sm_89+ (H100, B200) converts E4M3 with
+its conversion instructions, sm_80 (A100) and the interpreter on the bits
+(``e4m3``); the codes are the same. Stochastic rounding draws one 7-round
+Philox call per four elements (``eco_step.tile_random_bits``).
+
 Not run as kernels (they go to ``eco.reference`` on the same device):
 ``update_weight=False`` (``lr == 0``: moments only, a rare step), formats
 whose group size has no kernel (see ``specs.GROUP_SIZES``), fp16 parameters.

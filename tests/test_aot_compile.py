@@ -311,3 +311,16 @@ def test_bytes_per_element_match_the_kernel_docstring(spec_results):
         assert bytes_per_element(spec, result) == pytest.approx(expected), name
         checked += 1
     assert checked >= 10
+
+
+def test_hardware_fp8_conversion_only_where_the_target_has_it():
+    """sm_90 encodes/decodes E4M3 with F2FP conversions; sm_80 (no such instruction) keeps the bit codec.
+
+    fp32 states and gradient: no bf16 store, so every F2FP is an FP8 conversion.
+    """
+    spec = _spec("adamw/fp8-block32/nearest/state-fp32/grad-fp32")
+    a100, h100 = compile_jobs([(build_for_spec(spec, t), t) for t in ("sm_80", "sm_90")])
+    assert a100.error is None and h100.error is None
+    assert a100.sass_ops.get("F2FP", 0) == 0
+    assert h100.sass_ops.get("F2FP", 0) >= 2  # at least one encode and one decode per thread
+    assert spec.constexprs["TARGET"] == 0 and build_for_spec(spec, "sm_90").constexprs["TARGET"] == 90
