@@ -97,21 +97,18 @@ def round_stochastic(y, r):
     The distribution of ``eco.formats.FP8.round_stochastic``: the grid spacing
     at ``|y|`` is ``2**(e - 3)`` in the binade ``[2**e, 2**(e+1))``, ``e >= -6``
     (``2**-9`` below); round up with probability (distance to the lower grid
-    point) / spacing. Done on the fp32 pattern: add random bits below the grid
-    spacing's bit (the top ``drop`` bits of ``r``), then truncate; a carry moves
-    into the exponent. Exactly unbiased for ``|y| >= 2**-9``; below, the step
-    ``2**-9`` is taken with probability ``floor(|y| * 2**33) / 2**24``. This is the
-    reference's decision with ``u = (~r >> 8 & 0xFFFFFF) / 2**24`` (see the tests).
-    Returns the fp32 grid value, sign kept (``-0.0`` stays negative).
+    point) / spacing. Normal range: add 20 random bits below the 3 kept
+    mantissa bits of the fp32 pattern and truncate (a carry moves into the
+    exponent). Subnormal range (``|y| < 2**-6``): the same in 24-bit fixed
+    point, ``|y| * 2**33``. Exactly unbiased for ``|y| >= 2**-10``; below, the
+    bits of ``|y|`` under ``2**-33`` are dropped. It is the reference's decision
+    with ``u = (~r >> 8 & 0xFFFFFF) / 2**24`` (see the tests). Returns the fp32
+    grid value, sign kept (``-0.0`` stays negative).
     """
     bits = y.to(tl.int32, bitcast=True)
     mag_bits = bits & 0x7FFFFFFF
-    drop = tl.minimum(20 + tl.maximum(121 - (mag_bits >> 23), 0), 23)
-    noise = (r >> (32 - drop)).to(tl.int32)
-    rounded = (((mag_bits + noise) >> drop) << drop).to(tl.float32, bitcast=True)
-    # |y| < 2**-9: between 0 and the first subnormal 2**-9, in 24-bit fixed point.
-    tiny_fixed = (tl.minimum(mag_bits.to(tl.float32, bitcast=True), FP8_SUBNORMAL_STEP) * TWO_POW_33).to(tl.int32)
-    tiny_up = tiny_fixed + (r >> 8).to(tl.int32) >= (1 << 24)
-    tiny = tl.where(tiny_up, FP8_SUBNORMAL_STEP, 0.0)
-    out = tl.where(mag_bits < (118 << 23), tiny, rounded)
+    normal = ((mag_bits + (r >> 12).to(tl.int32)) & -0x100000).to(tl.float32, bitcast=True)
+    fixed = (tl.minimum(mag_bits.to(tl.float32, bitcast=True), 0.015625) * TWO_POW_33).to(tl.int32)
+    subnormal = ((fixed + (r >> 8).to(tl.int32)) >> 24).to(tl.float32) * FP8_SUBNORMAL_STEP
+    out = tl.where(mag_bits < (121 << 23), subnormal, normal)
     return (out.to(tl.int32, bitcast=True) | (bits & -0x80000000)).to(tl.float32, bitcast=True)

@@ -150,7 +150,7 @@ def _step_specs() -> list[KernelSpec]:
                                 meta = dict(kernel="step", optimizer=opt_name, format=config, rounding=rounding,
                                             state_dtype=state, grad_dtype=grad, master=master, **{"pass": pass_})
                                 specs.append(_spec(name, eco_step.eco_step_kernel, types, constexprs,
-                                                   8 if not gs else 4, meta))
+                                                   4, meta))
     return specs
 
 
@@ -174,7 +174,7 @@ def _quantize_specs() -> list[KernelSpec]:
                     meta = dict(kernel="quantize", optimizer=None, format=config, rounding=rounding, state_dtype=None,
                                 grad_dtype=src, master=False, **{"pass": pass_})
                     specs.append(_spec(f"quantize/{format_tag(config)}/{tag}/src-{sr}", eco_step.eco_step_kernel,
-                                       types, constexprs, 8 if not gs else 4, meta))
+                                       types, constexprs, 4, meta))
     return specs
 
 
