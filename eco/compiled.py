@@ -21,8 +21,9 @@ in its on-disk cache for later processes). Shapes are compiled static: with
 symbolic shapes inductor turns the block/group reductions into slow scalar
 loops (6-9x slower than static shapes for a 1408 x 512 block-128 or group-32 step). So this path is opt-in,
 ``backend="compiled"``; ``backend="auto"`` keeps the eager reference on CPU.
-Where compiling fails (no C++ compiler, an unsupported platform, too many
-recompilations) it warns once and runs the eager reference from then on.
+Without a C++ compiler on PATH, ``backend="compiled"`` is refused with an
+error that says so; where compiling fails anyway (an unsupported platform, too
+many recompilations) it warns once and runs the eager reference from then on.
 """
 
 from __future__ import annotations
@@ -64,15 +65,18 @@ def counter_uniform(seed: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def unavailable_reason() -> str | None:
     """Why this path cannot run here, or None when it can (as far as can be told without compiling)."""
-    if _failure is not None:
-        return _failure
     if not any(shutil.which(cc) for cc in ("c++", "g++", "clang++")):
         return "torch.compile on CPU needs a C++ compiler (c++, g++ or clang++ on PATH)"
     return None
 
 
+def compile_failure() -> str | None:
+    """Why compiling failed in this process (every step since has run the eager reference), or None."""
+    return _failure
+
+
 def supports(param: torch.Tensor) -> bool:
-    """Whether ``param`` can be stepped here: a CPU tensor, and compiling has not failed."""
+    """Whether ``param`` can be stepped here: a CPU tensor, and a C++ compiler for inductor."""
     return param.device.type == "cpu" and unavailable_reason() is None
 
 
