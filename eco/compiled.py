@@ -186,3 +186,22 @@ def plain_sgd_steps_(params, grads, momentum_bufs, *, scalars) -> None:
     for p, g, m in zip(params, grads, momentum_bufs, strict=True):
         _run(lambda: fn(p, g, m, k),  # noqa: B023 - called before the loop moves on
              lambda: reference.plain_sgd_step_(p, g, m, scalars=scalars))  # noqa: B023
+
+
+@torch.no_grad()
+def adamw_steps_(codes, scales, grads, exp_avgs, exp_avg_sqs, masters, *, fmt, shapes, scalars, rounding, seeds,
+                 update_weight: bool = True) -> None:
+    """:func:`eco.reference.adamw_steps_`, compiled (one fused loop per weight)."""
+    for c, s, g, m, v, w, shape, seed in zip(codes, scales, grads, exp_avgs, exp_avg_sqs, masters, shapes, seeds,
+                                             strict=True):
+        adamw_step_(c, s, g, m, v, w, fmt=fmt, shape=shape, scalars=scalars, rounding=rounding, seed=seed,
+                    update_weight=update_weight)
+
+
+@torch.no_grad()
+def sgd_steps_(codes, scales, grads, momentum_bufs, masters, *, fmt, shapes, scalars, rounding, seeds,
+               update_weight: bool = True) -> None:
+    """:func:`eco.reference.sgd_steps_`, compiled (one fused loop per weight)."""
+    for c, s, g, m, w, shape, seed in zip(codes, scales, grads, momentum_bufs, masters, shapes, seeds, strict=True):
+        sgd_step_(c, s, g, m, w, fmt=fmt, shape=shape, scalars=scalars, rounding=rounding, seed=seed,
+                  update_weight=update_weight)

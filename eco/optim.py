@@ -5,9 +5,12 @@ update: the step is applied to the dequantized weight, the result is
 re-quantized, and the rounding error is injected into the momentum. Ordinary
 parameters in the same optimizer get the plain AdamW/SGD update.
 
-Per parameter, the step is one call into a backend with the signatures of
-``eco.reference``: the Triton kernels (``eco.kernels``) for CUDA tensors when
-Triton is importable, the plain-torch reference otherwise.
+Parameters sharing a param group and step count (quantized ones also their
+format and dtypes) are stepped by one call into a backend with the signatures
+of ``eco.reference`` (``adamw_steps_``, ``plain_adamw_steps_``, ...; the
+kernels launch many small tensors at once): the Triton kernels
+(``eco.kernels``) for CUDA tensors when Triton is importable, the plain-torch
+reference otherwise.
 ``backend="reference"`` or the environment variable ``ECO_BACKEND=reference``
 forces the reference path; ``backend="compiled"`` runs CPU tensors through the
 reference compiled by ``torch.compile`` into one fused loop (``eco.compiled``).
@@ -172,27 +175,33 @@ class _ECOOptimizer(torch.optim.Optimizer):
             )
             return loss
         plain_batches: dict = {}  # plain params sharing backend, group and step: one call (few kernel launches)
+        quantized_batches: dict = {}  # the same, per format and dtypes; seeds drawn here, in parameter order
         for group, p in work:
             state = self._state_for(p, group)
             state["step"] += 1
             backend = _select_backend(self.backend, p)
             if isinstance(p, QuantizedTensor):
-                self._step_quantized(backend, p, p.grad, state, group)
+                seed = self._next_seed() if group["rounding"] == "stochastic" else None
+                key = (backend.__name__, id(group), state["step"], p.fmt, p.grad.dtype,
+                       state[self.moment_names[0]].dtype, "master" in state)
+                quantized_batches.setdefault(key, (backend, group, state["step"], []))[3].append((p, state, seed))
             else:
                 key = (backend.__name__, id(group), state["step"])
                 plain_batches.setdefault(key, (backend, group, state["step"], []))[3].append((p, state))
+        for backend, group, step, items in quantized_batches.values():
+            self._step_quantized(backend, *(list(x) for x in zip(*items, strict=True)), group, step)
         for backend, group, step, items in plain_batches.values():
             self._step_plain(backend, [p for p, _ in items], [st for _, st in items], group, step)
         return loss
 
-    def _quantized_kwargs(self, p: QuantizedTensor, state: dict, group: dict) -> dict:
-        stochastic = group["rounding"] == "stochastic"
+    def _quantized_kwargs(self, params: list, states: list, seeds: list, group: dict) -> dict:
         return dict(
-            fmt=p.fmt, shape=p.shape, rounding=group["rounding"],
-            seed=self._next_seed() if stochastic else None, update_weight=group["lr"] != 0.0,
+            masters=[st.get("master") for st in states], fmt=params[0].fmt, shapes=[p.shape for p in params],
+            rounding=group["rounding"], seeds=seeds, update_weight=group["lr"] != 0.0,
         )
 
-    def _step_quantized(self, backend, p, grad, state, group):  # pragma: no cover - abstract
+    def _step_quantized(self, backend, params, states, seeds, group, step):  # pragma: no cover - abstract
+        """ECO update of quantized ``params`` (same group, step count, format and dtypes) in one backend call."""
         raise NotImplementedError
 
     def _step_plain(self, backend, params, states, group, step):  # pragma: no cover - abstract
@@ -319,11 +328,12 @@ class AdamW(_ECOOptimizer):
             step=step, inject=inject, decay_corrected_injection=group["decay_corrected_injection"],
         )
 
-    def _step_quantized(self, backend, p, grad, state, group):
-        scalars = self._scalars(group, state["step"], inject=_injects(group))
-        backend.adamw_step_(
-            p.codes, p.scales, grad, state["exp_avg"], state["exp_avg_sq"], state.get("master"),
-            scalars=scalars, **self._quantized_kwargs(p, state, group),
+    def _step_quantized(self, backend, params, states, seeds, group, step):
+        backend.adamw_steps_(
+            [p.codes for p in params], [p.scales for p in params], [p.grad for p in params],
+            [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
+            scalars=self._scalars(group, step, inject=_injects(group)),
+            **self._quantized_kwargs(params, states, seeds, group),
         )
 
     def _step_plain(self, backend, params, states, group, step):
@@ -373,10 +383,11 @@ class SGD(_ECOOptimizer):
             lr=group["lr"], momentum=group["momentum"], weight_decay=group["weight_decay"], inject=inject
         )
 
-    def _step_quantized(self, backend, p, grad, state, group):
-        backend.sgd_step_(
-            p.codes, p.scales, grad, state["momentum_buffer"], state.get("master"),
-            scalars=self._scalars(group, inject=_injects(group)), **self._quantized_kwargs(p, state, group),
+    def _step_quantized(self, backend, params, states, seeds, group, step):
+        backend.sgd_steps_(
+            [p.codes for p in params], [p.scales for p in params], [p.grad for p in params],
+            [st["momentum_buffer"] for st in states], scalars=self._scalars(group, inject=_injects(group)),
+            **self._quantized_kwargs(params, states, seeds, group),
         )
 
     def _step_plain(self, backend, params, states, group, step):

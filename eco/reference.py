@@ -249,3 +249,20 @@ def plain_sgd_steps_(params, grads, momentum_bufs, *, scalars: SGDScalars) -> No
     """:func:`plain_sgd_step_` for each tensor."""
     for p, g, m in zip(params, grads, momentum_bufs, strict=True):
         plain_sgd_step_(p, g, m, scalars=scalars)
+
+
+def adamw_steps_(codes, scales, grads, exp_avgs, exp_avg_sqs, masters, *, fmt: QuantFormat, shapes,
+                 scalars: AdamWScalars, rounding: str, seeds, update_weight: bool = True) -> None:
+    """:func:`adamw_step_` for each weight (one format; per-weight shapes, seeds, masters that may be None)."""
+    for c, s, g, m, v, w, shape, seed in zip(codes, scales, grads, exp_avgs, exp_avg_sqs, masters, shapes, seeds,
+                                             strict=True):
+        adamw_step_(c, s, g, m, v, w, fmt=fmt, shape=shape, scalars=scalars, rounding=rounding, seed=seed,
+                    update_weight=update_weight)
+
+
+def sgd_steps_(codes, scales, grads, momentum_bufs, masters, *, fmt: QuantFormat, shapes, scalars: SGDScalars,
+               rounding: str, seeds, update_weight: bool = True) -> None:
+    """:func:`sgd_step_` for each weight."""
+    for c, s, g, m, w, shape, seed in zip(codes, scales, grads, momentum_bufs, masters, shapes, seeds, strict=True):
+        sgd_step_(c, s, g, m, w, fmt=fmt, shape=shape, scalars=scalars, rounding=rounding, seed=seed,
+                  update_weight=update_weight)

@@ -68,7 +68,7 @@ from eco.formats import QuantFormat, check_rounding
 try:
     import triton
 
-    from . import specs
+    from . import eco_step, specs
     from .specs import SPECS, KernelSpec, find_spec
 
     _IMPORT_ERROR = None
@@ -291,6 +291,158 @@ def sgd_step_(
               state_dtype=momentum_buf.dtype, grad_dtype=grad.dtype, optimizer="sgd")
 
 
+# ---------------------------------------------------------------- many quantized weights at once
+_STEP_TABLES: dict = {}
+_DEVICE_TABLES: dict = {}
+
+
+def _step_table(fmt: QuantFormat, block: int, items: list) -> tuple:
+    """The int64 table of :func:`eco_step.eco_multi_step_kernel` (seeds 0) on the host, cached per set of tensors.
+
+    ``items`` are ``(shape, codes, scales, grad, exp_avg, exp_avg_sq, master)``.
+    Returns ``(table, seed slots, workspace int32 elements, programs)``.
+    """
+    key = (fmt, block, tuple((tuple(shape), *((t.data_ptr(), t.dtype) for t in ts)) for shape, *ts in items))
+    cached = _STEP_TABLES.get(key)
+    if cached is not None:
+        return cached
+    programs, entries, workspace = [], [], 0
+    firsts = items[0][1:]
+    for index, (shape, *tensors) in enumerate(items):
+        geo = _geometry(fmt, shape)
+        tiles = triton.cdiv(geo["n_cols"], block)
+        linear = torch.arange(geo["rows"] * tiles, dtype=torch.int64)
+        programs.append(torch.stack((torch.full_like(linear, index), linear // tiles, linear % tiles), dim=1))
+        codes, scales, *streams = [(t.data_ptr() - first.data_ptr()) // first.element_size()
+                                   for t, first in zip(tensors, firsts, strict=True)]
+        n_scale_groups = tensors[1].numel()
+        entries.append([geo["n_cols"], geo["code_cols"], geo["rows_per_scale"], n_scale_groups, 0, codes, scales,
+                        workspace, *streams])
+        if fmt.row_group is None:
+            workspace += 2 * n_scale_groups
+    program_table = torch.cat(programs).reshape(-1)
+    words = eco_step.MULTI_TENSOR_WORDS.value
+    assert len(entries[0]) == words
+    seed_slots = [program_table.numel() + words * i + 4 for i in range(len(items))]
+    table = torch.cat([program_table, torch.tensor(entries, dtype=torch.int64).reshape(-1)])
+    if len(_STEP_TABLES) > 64:
+        _STEP_TABLES.clear()
+    cached = _STEP_TABLES[key] = (table, seed_slots, workspace, program_table.numel() // 3)
+    return cached
+
+
+def _device_table(table: torch.Tensor, seed_slots: list[int], seeds: list[int], device) -> torch.Tensor:
+    """``table`` on ``device`` with the seeds written in; cached while they are all 0 (round-to-nearest)."""
+    if any(seeds):
+        table = table.clone()
+        table[seed_slots] = torch.tensor(seeds, dtype=torch.int64)
+        return table.to(device)
+    key = (id(table), str(device))
+    cached = _DEVICE_TABLES.get(key)
+    if cached is None or cached[0] is not table:
+        if len(_DEVICE_TABLES) > 64:
+            _DEVICE_TABLES.clear()
+        cached = _DEVICE_TABLES[key] = (table, table.to(device))
+    return cached[1]
+
+
+def _groupable(fmt: QuantFormat, shape, codes, scales, grad, *others) -> bool:
+    """Whether a weight may share a multi-tensor launch: small, last dim a multiple of 16 (so every
+    stream's rows start 16-byte aligned), contiguous 16-byte aligned tensors of the expected sizes."""
+    return (math.prod(shape) <= MULTI_TENSOR_MAX_NUMEL and len(shape) >= 2 and shape[-1] % 16 == 0
+            and tuple(codes.shape) == tuple(fmt.code_shape(shape))
+            and tuple(scales.shape) == tuple(fmt.scale_shape(shape)) and grad.numel() == math.prod(shape)
+            and all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in (codes, scales, grad, *others)
+                    if t is not None))
+
+
+def _step_many(optimizer, single, codes, scales, grads, exp_avgs, exp_avg_sqs, masters, *, fmt, shapes, k, inject,
+               rounding, seeds) -> None:
+    """Small qualifying weights of the same dtypes: one launch per group and pass; ``single(i)`` steps the rest.
+
+    ``inject`` is the injection of weights without a master copy (with one: 0).
+    """
+    check_rounding(rounding)
+    if not has_kernel(fmt):
+        raise ValueError(f"no kernel for {fmt}; group sizes with kernels: {specs.GROUP_SIZES}. "
+                         "Use backend='reference' for this weight")
+    groups: dict = {}
+    for i, (c, s, g, m, v, w, shape) in enumerate(zip(codes, scales, grads, exp_avgs, exp_avg_sqs, masters, shapes,
+                                                      strict=True)):
+        fmt.check_shape(shape)
+        if _groupable(fmt, shape, c, s, g, m, v, w) and (w is None or w.dtype == torch.float32):
+            groups.setdefault((g.dtype, m.dtype, w is not None, c.device), []).append(i)
+        else:
+            single(i)
+    for (grad_dtype, state_dtype, has_master, device), members in groups.items():
+        if len(members) == 1:
+            single(members[0])
+            continue
+        found = [find_spec("step_multi", optimizer=optimizer, format=fmt.config(), rounding=rounding,
+                           state_dtype=state_dtype, grad_dtype=grad_dtype, master=has_master, pass_=pass_)
+                 for pass_ in ((1,) if fmt.row_group else (0, 1))]
+        if None in found:
+            raise ValueError(f"no {optimizer} kernel for {fmt} with state {state_dtype} and gradient {grad_dtype}; "
+                             f"supported: {specs.STATE_DTYPES} states, {specs.GRAD_DTYPES} gradients")
+        master_dummy = _dummy(torch.float32, device)
+        items = [(shapes[i], codes[i].view(torch.uint8), scales[i], grads[i], exp_avgs[i], exp_avg_sqs[i],
+                  masters[i] if has_master else master_dummy) for i in members]
+        table, seed_slots, workspace_size, n_programs = _step_table(fmt, found[0].constexprs["BLOCK"], items)
+        _, codes0, scales0, grad0, exp_avg0, exp_avg_sq0, master0 = items[0]
+        args = dict(
+            codes_ptr=codes0, scales_ptr=scales0, grad_ptr=grad0, exp_avg_ptr=exp_avg0, exp_avg_sq_ptr=exp_avg_sq0,
+            master_ptr=master0, table_ptr=_device_table(table, seed_slots, [int(seeds[i] or 0) for i in members],
+                                                        device),
+            workspace_ptr=(torch.zeros(workspace_size, dtype=torch.int32, device=device) if workspace_size
+                           else _dummy(torch.int32, device)),
+            inject=0.0 if has_master else float(inject), **{f"k{i}": float(x) for i, x in enumerate(k)},
+        )
+        for spec in found:  # row/tensor scales: the absmax pass of every tensor, then the storing pass
+            launch(spec, (n_programs,), **args)
+
+
+@torch.no_grad()
+def adamw_steps_(codes, scales, grads, exp_avgs, exp_avg_sqs, masters, *, fmt: QuantFormat, shapes,
+                 scalars: reference.AdamWScalars, rounding: str, seeds, update_weight: bool = True) -> None:
+    """:func:`adamw_step_` for many weights of one format with the same scalars (lists; ``masters`` may hold None).
+
+    Small weights (at most ``MULTI_TENSOR_MAX_NUMEL`` elements, last dimension a
+    multiple of 16, contiguous 16-byte aligned tensors) with the same dtypes
+    share one launch (two for row/tensor scales); the others get their own.
+    Bit for bit the results of one :func:`adamw_step_` per weight with its seed.
+    """
+    def single(i):
+        adamw_step_(codes[i], scales[i], grads[i], exp_avgs[i], exp_avg_sqs[i], masters[i], fmt=fmt, shape=shapes[i],
+                    scalars=scalars, rounding=rounding, seed=seeds[i], update_weight=update_weight)
+
+    if not update_weight:  # moments only, on the reference (as adamw_step_)
+        for i in range(len(codes)):
+            single(i)
+        return
+    s = scalars
+    _step_many("adamw", single, codes, scales, grads, exp_avgs, exp_avg_sqs, masters, fmt=fmt, shapes=shapes,
+               k=(s.beta1, s.one_minus_beta1, s.beta2, s.one_minus_beta2, s.inv_bc2, s.eps, s.decay, s.step_size),
+               inject=s.inject, rounding=rounding, seeds=seeds)
+
+
+@torch.no_grad()
+def sgd_steps_(codes, scales, grads, momentum_bufs, masters, *, fmt: QuantFormat, shapes,
+               scalars: reference.SGDScalars, rounding: str, seeds, update_weight: bool = True) -> None:
+    """:func:`sgd_step_` for many weights of one format with the same scalars, grouped as :func:`adamw_steps_`."""
+    def single(i):
+        sgd_step_(codes[i], scales[i], grads[i], momentum_bufs[i], masters[i], fmt=fmt, shape=shapes[i],
+                  scalars=scalars, rounding=rounding, seed=seeds[i], update_weight=update_weight)
+
+    if not update_weight:
+        for i in range(len(codes)):
+            single(i)
+        return
+    s = scalars
+    _step_many("sgd", single, codes, scales, grads, momentum_bufs, momentum_bufs, masters, fmt=fmt, shapes=shapes,
+               k=(s.beta, s.one_minus_beta, s.weight_decay, s.lr, 0.0, 0.0, 0.0, 0.0), inject=s.inject,
+               rounding=rounding, seeds=seeds)
+
+
 @torch.no_grad()
 def quantize(x: torch.Tensor, fmt: QuantFormat, rounding: str = "nearest",
              seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -450,6 +602,7 @@ def plain_sgd_steps_(params, grads, momentum_bufs, *, scalars: reference.SGDScal
 
 __all__ = [
     "SPECS", "KernelSpec", "find_spec", "supports", "unavailable_reason", "interpreter_enabled", "has_kernel",
-    "adamw_step_", "sgd_step_", "plain_adamw_step_", "plain_sgd_step_", "plain_adamw_steps_", "plain_sgd_steps_",
+    "adamw_step_", "sgd_step_", "adamw_steps_", "sgd_steps_", "plain_adamw_step_", "plain_sgd_step_",
+    "plain_adamw_steps_", "plain_sgd_steps_",
     "quantize", "dequantize", "format_quantize", "format_dequantize", "launch", "step_bytes", "plain_step_bytes",
 ]

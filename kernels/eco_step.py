@@ -199,9 +199,27 @@ def eco_step_kernel(
     ``workspace_ptr`` (``GROUP == 0`` only) int32 ``[2, n_scale_groups]``:
     absmax bits, then the old scale's bits. ``rows_per_scale`` is 1 for
     row-wise FP8 and the matrix height for tensor-wise INT4.
+    Grid: rows x column tiles; the work is :func:`eco_tile`.
     """
-    row = tl.program_id(0).to(tl.int64)
-    tile = tl.program_id(1)
+    eco_tile(codes_ptr, scales_ptr, workspace_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, master_ptr, src_ptr,
+             tl.program_id(0).to(tl.int64), tl.program_id(1), n_cols, code_cols, rows_per_scale, n_scale_groups,
+             seed, k0, k1, k2, k3, k4, k5, k6, k7, inject,
+             OPT, IS_INT4, GROUP, BLOCK, STOCHASTIC, HAS_MASTER, PASS, TARGET)
+
+
+@triton.jit
+def eco_tile(
+    codes_ptr, scales_ptr, workspace_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, master_ptr, src_ptr,
+    row, tile, n_cols, code_cols, rows_per_scale, n_scale_groups, seed,
+    k0, k1, k2, k3, k4, k5, k6, k7, inject,
+    OPT: tl.constexpr, IS_INT4: tl.constexpr, GROUP: tl.constexpr, BLOCK: tl.constexpr,
+    STOCHASTIC: tl.constexpr, HAS_MASTER: tl.constexpr, PASS: tl.constexpr, TARGET: tl.constexpr,
+):
+    """The ECO tile logic (the one copy of it): column tile ``tile`` of row ``row`` (int64) of one tensor.
+
+    Arguments as :func:`eco_step_kernel`; :func:`eco_multi_step_kernel` calls
+    it with pointers already offset to the tensor its program works on.
+    """
     GW: tl.constexpr = GROUP if GROUP > 0 else BLOCK
     RHO: tl.constexpr = 7.0 if IS_INT4 else 448.0
     i = tl.arange(0, BLOCK // GW)[:, None]
@@ -262,6 +280,53 @@ def eco_step_kernel(
     if IS_INT4:
         code = pack_nibbles(tl.where(mask, code, 8), BLOCK // GW, GW)  # an odd last dimension pads with code 0
     tl.store(codes_ptr + code_offsets, code.to(tl.uint8), mask=code_mask)
+
+
+#: int64 words per program and per tensor in the table of :func:`eco_multi_step_kernel`
+MULTI_PROGRAM_WORDS = tl.constexpr(3)
+MULTI_TENSOR_WORDS = tl.constexpr(12)
+
+
+@triton.jit
+def eco_multi_step_kernel(
+    codes_ptr, scales_ptr, workspace_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, master_ptr, table_ptr,
+    k0, k1, k2, k3, k4, k5, k6, k7, inject,
+    OPT: tl.constexpr, IS_INT4: tl.constexpr, GROUP: tl.constexpr, BLOCK: tl.constexpr,
+    STOCHASTIC: tl.constexpr, HAS_MASTER: tl.constexpr, PASS: tl.constexpr, TARGET: tl.constexpr,
+):
+    """The ECO step of many quantized tensors (one format, dtypes and scalars) in one launch: :func:`eco_tile`.
+
+    The pointers are those of the list's first tensor; ``table_ptr`` (int64)
+    holds, per program, ``[tensor index, row, column tile]`` and then, per
+    tensor (starting at ``3 * n_programs``), ``[n_cols, code_cols,
+    rows_per_scale, n_scale_groups, seed, codes, scales, workspace, grad,
+    exp_avg, exp_avg_sq, master offsets]``: each stream's element offset from
+    the first tensor's (``workspace``: this tensor's ``[2, n_scale_groups]``
+    slice of one shared workspace). The launcher groups only tensors whose
+    last dimension is a multiple of 16 and whose storages are 16-byte aligned,
+    so the hints below hold and the accesses are as wide as in
+    :func:`eco_step_kernel`. Row-wise/tensor-wise formats run this twice
+    (``PASS`` 0 for every tensor, then ``PASS`` 1), like the single kernel.
+    """
+    pid = tl.program_id(0)
+    program = table_ptr + MULTI_PROGRAM_WORDS * pid
+    tensor = tl.load(program)
+    row = tl.load(program + 1)
+    tile = tl.load(program + 2).to(tl.int32)
+    entry = table_ptr + MULTI_PROGRAM_WORDS * tl.num_programs(0) + MULTI_TENSOR_WORDS * tensor
+    n_cols = tl.multiple_of(tl.load(entry).to(tl.int32), 16)
+    code_cols = tl.multiple_of(tl.load(entry + 1).to(tl.int32), 8 if IS_INT4 else 16)
+    rows_per_scale = tl.load(entry + 2).to(tl.int32)
+    n_scale_groups = tl.load(entry + 3).to(tl.int32)
+    seed = tl.load(entry + 4)
+    grad = grad_ptr + aligned_offset(grad_ptr, entry + 8)
+    eco_tile(codes_ptr + aligned_offset(codes_ptr, entry + 5), scales_ptr + aligned_offset(scales_ptr, entry + 6),
+             workspace_ptr + tl.load(entry + 7), grad, exp_avg_ptr + aligned_offset(exp_avg_ptr, entry + 9),
+             exp_avg_sq_ptr + aligned_offset(exp_avg_sq_ptr, entry + 10),
+             master_ptr + aligned_offset(master_ptr, entry + 11), grad,
+             row, tile, n_cols, code_cols, rows_per_scale, n_scale_groups, seed,
+             k0, k1, k2, k3, k4, k5, k6, k7, inject,
+             OPT, IS_INT4, GROUP, BLOCK, STOCHASTIC, HAS_MASTER, PASS, TARGET)
 
 
 @triton.jit

@@ -122,7 +122,8 @@ _SCALARS = {f"k{i}": "fp32" for i in range(8)} | {"inject": "fp32"}
 _STEP_INTS = {"n_cols": "i32", "code_cols": "i32", "rows_per_scale": "i32", "n_scale_groups": "i32", "seed": "i64"}
 
 
-def _step_specs() -> list[KernelSpec]:
+def _step_specs(multi: bool = False) -> list[KernelSpec]:
+    """The ECO step kernels; ``multi``: the multi-tensor kernel (``"step_multi"``, same combinations)."""
     specs = []
     for opt_name, opt in OPTIMIZERS.items():
         for config in format_configs():
@@ -138,6 +139,7 @@ def _step_specs() -> list[KernelSpec]:
                                     "codes_ptr": "*u8", "scales_ptr": "*fp32", "workspace_ptr": "*i32",
                                     "grad_ptr": f"*{gr}", "exp_avg_ptr": f"*{st}", "exp_avg_sq_ptr": f"*{st}",
                                     "master_ptr": "*fp32", "src_ptr": f"*{gr}", **_STEP_INTS, **_SCALARS,
+                                    "table_ptr": "*i64",
                                 }
                                 constexprs = dict(
                                     OPT=opt, IS_INT4=config["name"] == "int4", GROUP=gs,
@@ -145,12 +147,14 @@ def _step_specs() -> list[KernelSpec]:
                                     STOCHASTIC=rounding == "stochastic", HAS_MASTER=master, PASS=pass_,
                                 )
                                 tag = "absmax-pass" if pass_ == 0 else rounding
-                                name = (f"{opt_name}/{format_tag(config)}/{tag}/state-{st}/grad-{gr}"
+                                name = (("multi/" if multi else "")
+                                        + f"{opt_name}/{format_tag(config)}/{tag}/state-{st}/grad-{gr}"
                                         + ("/master" if master else ""))
-                                meta = dict(kernel="step", optimizer=opt_name, format=config, rounding=rounding,
-                                            state_dtype=state, grad_dtype=grad, master=master, **{"pass": pass_})
-                                specs.append(_spec(name, eco_step.eco_step_kernel, types, constexprs,
-                                                   4, meta))
+                                meta = dict(kernel="step_multi" if multi else "step", optimizer=opt_name,
+                                            format=config, rounding=rounding, state_dtype=state, grad_dtype=grad,
+                                            master=master, **{"pass": pass_})
+                                fn = eco_step.eco_multi_step_kernel if multi else eco_step.eco_step_kernel
+                                specs.append(_spec(name, fn, types, constexprs, 4, meta))
     return specs
 
 
@@ -213,7 +217,8 @@ def _plain_specs() -> list[KernelSpec]:
     return specs
 
 
-SPECS: list[KernelSpec] = _step_specs() + _quantize_specs() + _dequantize_specs() + _plain_specs()
+SPECS: list[KernelSpec] = (_step_specs() + _quantize_specs() + _dequantize_specs() + _plain_specs()
+                           + _step_specs(multi=True))
 _BY_KEY: dict = {}
 
 

@@ -1,0 +1,281 @@
+"""Many small quantized weights in few launches (``eco.kernels.adamw_steps_``/``sgd_steps_``).
+
+The multi-tensor kernel runs the same tile code as the single-tensor kernel,
+so a grouped step must give exactly the bits of one step per weight with the
+same seeds: codes, scales, moments and master copies. Each test also checks
+that the grouped path really ran (a ``multi/`` launch), so that a silent
+fallback to one launch per weight cannot pass for grouping.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from eco.kernels import eco_step
+
+import eco
+from eco import kernels, reference
+from tests.helpers import FORMATS
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ADAM = dict(lr=0.1, beta1=0.9, beta2=0.98, eps=1e-8, weight_decay=0.1)  # large steps: INT4 codes move too
+SGD = dict(lr=0.5, momentum=0.9, weight_decay=0.01)
+LARGE = 1024  # MULTI_TENSOR_MAX_NUMEL in these tests: a "large" weight the interpreter still runs quickly
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
+def assert_bits_equal(actual, expected, what):
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, what
+    differ = (bits(actual) != bits(expected)).sum().item()
+    assert differ == 0, f"{what}: {differ} of {actual.numel()} elements differ"
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """The spec names of every kernel launch (the launches still run)."""
+    names = []
+    real = kernels.launch
+    monkeypatch.setattr(kernels, "launch", lambda spec, grid, **a: (names.append(spec.name), real(spec, grid, **a)))
+    monkeypatch.setattr(kernels, "MULTI_TENSOR_MAX_NUMEL", LARGE)
+    return names
+
+
+def shapes_for(fmt):
+    """Different shapes (a 3-D expert tensor among them) and one that cannot be grouped.
+
+    Row/tensor formats: a last dimension of 24 (not a multiple of 16). Block and
+    group formats need multiples of 32, so their odd one out is a weight over
+    ``LARGE`` elements.
+    """
+    grouped = [(2, 32), (2, 2, 32), (1, 64), (3, 32)]
+    odd = (2, 24) if fmt.row_group is None else (2, LARGE // 2 + 32)
+    return [torch.Size(s) for s in grouped[:2] + [odd] + grouped[2:]]
+
+
+def make_weights(fmt, shapes, optimizer, state_dtype, grad_dtype, master, seed=0):
+    """Per weight: codes, scales, grad, moment(s) and master (or None), each its own allocation."""
+    gen = torch.Generator().manual_seed(seed)
+    weights = []
+    for shape in shapes:
+        w = torch.randn(shape, generator=gen)
+        codes, scales = fmt.quantize(w)
+        state = dict(codes=codes, scales=scales, grad=torch.randn(shape, generator=gen).to(grad_dtype),
+                     exp_avg=(torch.randn(shape, generator=gen) * 0.1).to(state_dtype))
+        if optimizer == "adamw":
+            state["exp_avg_sq"] = (torch.rand(shape, generator=gen) * 1e-3).to(state_dtype)
+        if master:
+            state["master"] = fmt.dequantize(codes, scales, shape) + 1e-3
+        weights.append({k: v.to(DEVICE) for k, v in state.items()})
+    return weights
+
+
+def clone(weights):
+    return [{k: v.clone() for k, v in w.items()} for w in weights]
+
+
+def step_each(optimizer, fmt, shapes, weights, step, rounding, seeds):
+    """The per-weight path: one ``adamw_step_``/``sgd_step_`` call per weight."""
+    for w, shape, seed in zip(weights, shapes, seeds, strict=True):
+        if optimizer == "adamw":
+            kernels.adamw_step_(w["codes"], w["scales"], w["grad"], w["exp_avg"], w["exp_avg_sq"], w.get("master"),
+                                fmt=fmt, shape=shape, scalars=reference.adamw_scalars(step=step, **ADAM),
+                                rounding=rounding, seed=seed)
+        else:
+            kernels.sgd_step_(w["codes"], w["scales"], w["grad"], w["exp_avg"], w.get("master"), fmt=fmt, shape=shape,
+                              scalars=reference.sgd_scalars(**SGD), rounding=rounding, seed=seed)
+
+
+def step_grouped(optimizer, fmt, shapes, weights, step, rounding, seeds):
+    lists = {k: [w.get(k) for w in weights] for k in ("codes", "scales", "grad", "exp_avg", "exp_avg_sq", "master")}
+    if optimizer == "adamw":
+        kernels.adamw_steps_(lists["codes"], lists["scales"], lists["grad"], lists["exp_avg"], lists["exp_avg_sq"],
+                             lists["master"], fmt=fmt, shapes=shapes,
+                             scalars=reference.adamw_scalars(step=step, **ADAM), rounding=rounding, seeds=seeds)
+    else:
+        kernels.sgd_steps_(lists["codes"], lists["scales"], lists["grad"], lists["exp_avg"], lists["master"], fmt=fmt,
+                           shapes=shapes, scalars=reference.sgd_scalars(**SGD), rounding=rounding, seeds=seeds)
+
+
+def assert_weights_equal(actual, expected):
+    for i, (a, b) in enumerate(zip(actual, expected, strict=True)):
+        for key in b:
+            assert_bits_equal(a[key], b[key], f"weight {i} {key}")
+
+
+def passes(fmt) -> int:
+    return 2 if fmt.row_group is None else 1
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("name", list(FORMATS))
+def test_grouped_step_equals_one_step_per_weight(name, rounding, optimizer, launches):
+    """Two steps, bf16 moments and gradients: every stored tensor bit-identical to the per-weight path."""
+    fmt = FORMATS[name]
+    shapes = shapes_for(fmt)
+    weights = make_weights(fmt, shapes, optimizer, torch.bfloat16, torch.bfloat16, master=False)
+    each, grouped = clone(weights), clone(weights)
+    for step in (1, 2):
+        seeds = [1000 * step + i for i in range(len(shapes))] if rounding == "stochastic" else [None] * len(shapes)
+        step_each(optimizer, fmt, shapes, each, step, rounding, seeds)
+        del launches[:]
+        step_grouped(optimizer, fmt, shapes, grouped, step, rounding, seeds)
+        assert_weights_equal(grouped, each)
+        # four weights in one group (one launch per pass), the odd one on its own
+        assert sum(n.startswith("multi/") for n in launches) == passes(fmt), launches
+        assert len(launches) == 2 * passes(fmt), launches
+    assert all(not torch.equal(bits(a["codes"]), bits(b["codes"])) for a, b in zip(each, weights, strict=True))
+
+
+@pytest.mark.parametrize("name", ["fp8_row", "int4_group32"])
+def test_grouped_step_with_master_weights_and_fp32_states(name, launches):
+    """The master-weight baseline through the multi kernel (fp32 states and gradients): masters equal too."""
+    fmt = FORMATS[name]
+    shapes = shapes_for(fmt)
+    weights = make_weights(fmt, shapes, "adamw", torch.float32, torch.float32, master=True, seed=1)
+    each, grouped = clone(weights), clone(weights)
+    step_each("adamw", fmt, shapes, each, 1, "nearest", [None] * len(shapes))
+    del launches[:]
+    step_grouped("adamw", fmt, shapes, grouped, 1, "nearest", [None] * len(shapes))
+    assert_weights_equal(grouped, each)
+    assert sum(n.startswith("multi/") and n.endswith("/master") for n in launches) == passes(fmt), launches
+    assert not torch.equal(each[0]["master"], weights[0]["master"])
+
+
+@pytest.mark.parametrize("name", list(FORMATS))
+def test_launch_count_many_small_experts(name, monkeypatch):
+    """8 small expert matrices of one format: one launch (two for row/tensor scales); a ragged one
+    (last dim not a multiple of 16, or a non-contiguous gradient for block/group formats) and a
+    large one get their own; the multi launch covers every tile of the eight."""
+    fmt = FORMATS[name]
+    monkeypatch.setattr(kernels, "MULTI_TENSOR_MAX_NUMEL", LARGE)
+    recorded = []
+    monkeypatch.setattr(kernels, "launch", lambda spec, grid, **a: recorded.append((spec, grid)))
+    experts = [torch.Size((16, 32))] * 6 + [torch.Size((2, 8, 32))] * 2
+    odd = torch.Size((4, 24)) if fmt.row_group is None else torch.Size((4, 32))
+    large = torch.Size((8, LARGE // 8 + 32))
+    shapes = experts + [odd, large]
+    weights = make_weights(fmt, shapes, "adamw", torch.bfloat16, torch.bfloat16, master=False)
+    if fmt.row_group is not None:
+        weights[8]["grad"] = weights[8]["grad"].t().contiguous().t()  # same values, column-major
+        assert not weights[8]["grad"].is_contiguous()
+    step_grouped("adamw", fmt, shapes, weights, 1, "nearest", [None] * len(shapes))
+    multi = [(spec, grid) for spec, grid in recorded if spec.meta["kernel"] == "step_multi"]
+    single = [spec for spec, _ in recorded if spec.meta["kernel"] == "step"]
+    assert len(multi) == passes(fmt) and len(single) == 2 * passes(fmt), [s.name for s, _ in recorded]
+    block = multi[0][0].constexprs["BLOCK"]
+    tiles = sum(math.prod(s[:-1]) * -(-s[-1] // block) for s in experts)
+    assert all(grid == (tiles,) for _, grid in multi)
+    assert [spec.meta["pass"] for spec, _ in multi] == ([0, 1] if passes(fmt) == 2 else [1])
+
+
+def test_launch_table_layout():
+    """Per program ``[tensor, row, tile]``, per tensor the geometry, seed and each stream's element offset."""
+    fmt = eco.FP8()
+    shapes = [torch.Size((2, 32)), torch.Size((3, 2, 16))]
+    weights = make_weights(fmt, shapes, "adamw", torch.bfloat16, torch.float32, master=False)
+    items = [(s, w["codes"].view(torch.uint8), w["scales"], w["grad"], w["exp_avg"], w["exp_avg_sq"],
+              kernels._dummy(torch.float32, w["codes"].device)) for s, w in zip(shapes, weights, strict=True)]
+    table, seed_slots, workspace, n_programs = kernels._step_table(fmt, 2048, items)
+    assert n_programs == 2 + 6
+    programs = table[:3 * n_programs].reshape(-1, 3).tolist()
+    assert programs == [[0, 0, 0], [0, 1, 0]] + [[1, r, 0] for r in range(6)]
+    entry = table[3 * n_programs + eco_step.MULTI_TENSOR_WORDS.value:].tolist()
+    w0, w1 = weights
+    offset = lambda key: (w1[key].data_ptr() - w0[key].data_ptr()) // w0[key].element_size()  # noqa: E731
+    assert entry[:4] == [16, 16, 1, 6] and entry[4] == 0  # n_cols, code_cols, rows_per_scale, scales; seed
+    assert entry[5:7] == [offset("codes"), offset("scales")] and entry[7] == 4  # workspace after tensor 0's 2 x 2
+    assert entry[8:11] == [offset("grad"), offset("exp_avg"), offset("exp_avg_sq")] and entry[11] == 0
+    assert workspace == 2 * (2 + 6) and seed_slots == [3 * n_programs + 4, 3 * n_programs + 16]
+
+
+# ---------------------------------------------------------------- through the optimizer
+class Experts(torch.nn.Module):
+    """A MoE-like layer whose experts are separate nn.Linear modules (HF Mixtral/Qwen-MoE style).
+
+    Few rows per expert: the interpreter runs one program per row.
+    """
+
+    def __init__(self, n_experts=8, hidden=32, out=4):
+        super().__init__()
+        self.router = torch.nn.Linear(hidden, n_experts, bias=False)
+        self.experts = torch.nn.ModuleList(torch.nn.Linear(hidden, out, bias=False) for _ in range(n_experts))
+
+    def forward(self, x):
+        gates = torch.softmax(self.router(x), dim=-1)
+        out = sum(gates[:, e:e + 1] * expert(x) for e, expert in enumerate(self.experts))
+        return torch.tanh(out).square().mean()
+
+
+def train(fmt, backend, steps, rounding="nearest", seed=0):
+    torch.manual_seed(0)
+    model = eco.quantize_(Experts().to(DEVICE), fmt, filter_fn=lambda name, module: not name.startswith("router"))
+    opt = eco.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, rounding=rounding, state_dtype=torch.bfloat16,
+                    backend=backend, seed=seed)
+    data = torch.randn(steps, 4, 32, device=DEVICE)
+    for x in data:
+        opt.zero_grad()
+        model(x).backward()
+        opt.step()
+    return model, opt
+
+
+@pytest.mark.parametrize("name", ["fp8_row", "int4_group32"])
+def test_optimizer_groups_quantized_experts_and_equals_reference(name, launches):
+    """eco.AdamW(backend='triton') == backend='reference' over 3 steps (nearest), in few launches per step."""
+    fmt = FORMATS[name]
+    ref_model, ref_opt = train(fmt, "reference", 3)
+    del launches[:]
+    ker_model, ker_opt = train(fmt, "triton", 3)
+    quantized = [p for p in ker_model.parameters() if isinstance(p, eco.QuantizedTensor)]
+    assert len(quantized) == 8
+    for (name_, a), (_, b) in zip(ref_model.named_parameters(), ker_model.named_parameters(), strict=True):
+        if isinstance(a, eco.QuantizedTensor):
+            assert_bits_equal(b.codes, a.codes, f"{name_} codes")
+            assert_bits_equal(b.scales, a.scales, f"{name_} scales")
+        else:
+            assert_bits_equal(b.data, a.data, name_)
+        for key, value in ref_opt.state[a].items():
+            if isinstance(value, torch.Tensor):
+                assert_bits_equal(ker_opt.state[b][key], value, f"{name_} {key}")
+    # per step: the 8 expert matrices in one launch per pass, the (plain) router weight in one more
+    assert len(launches) == 3 * (passes(fmt) + 1), launches
+    assert sum(n.startswith("multi/") for n in launches) == 3 * passes(fmt)
+
+
+def test_optimizer_draws_one_seed_per_weight_in_parameter_order(launches):
+    """Stochastic rounding: the grouped optimizer step equals per-weight kernel steps whose seeds come from the
+    optimizer's generator in parameter order (so runs stay reproducible and equal to the per-weight path)."""
+    fmt = FORMATS["fp8_block32"]
+    torch.manual_seed(0)
+    model = eco.quantize_(Experts(n_experts=3).to(DEVICE), fmt,
+                          filter_fn=lambda name, module: not name.startswith("router"))
+    params = [p for p in model.parameters() if isinstance(p, eco.QuantizedTensor)]
+    opt = eco.AdamW(params, lr=1e-2, weight_decay=0.1, rounding="stochastic", backend="triton", seed=7)
+    model(torch.randn(4, 32, device=DEVICE)).backward()
+    before = [dict(codes=p.codes.clone(), scales=p.scales.clone(), grad=p.grad.clone(),
+                   exp_avg=torch.zeros(p.shape, device=DEVICE), exp_avg_sq=torch.zeros(p.shape, device=DEVICE))
+              for p in params]
+    expected = clone(before)
+    generator = torch.Generator().manual_seed(7)
+    seeds = [int(torch.randint(0, 2**62, (1,), generator=generator).item()) for _ in params]
+    del launches[:]
+    opt.step()
+    assert sum(n.startswith("multi/") for n in launches) == 1 and len(launches) == 1, launches
+    scalars = reference.adamw_scalars(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, step=1)
+    for w, p, seed in zip(expected, params, seeds, strict=True):
+        kernels.adamw_step_(w["codes"], w["scales"], w["grad"], w["exp_avg"], w["exp_avg_sq"], None, fmt=fmt,
+                            shape=p.shape, scalars=scalars, rounding="stochastic", seed=seed)
+        assert_bits_equal(p.codes, w["codes"], "codes")
+        assert_bits_equal(p.scales, w["scales"], "scales")
+        assert_bits_equal(opt.state[p]["exp_avg"], w["exp_avg"], "exp_avg")
+    # another seed gives other bits, so the check above can fail (e.g. seeds drawn in another order)
+    other = clone(before)[0]
+    kernels.adamw_step_(other["codes"], other["scales"], other["grad"], other["exp_avg"], other["exp_avg_sq"], None,
+                        fmt=fmt, shape=params[0].shape, scalars=scalars, rounding="stochastic", seed=seeds[1])
+    assert not torch.equal(bits(other["codes"]), bits(params[0].codes))
