@@ -1,11 +1,11 @@
 """Fused Triton kernels for the ECO step (installed as ``eco.kernels``).
 
 Same functions, same signatures as ``eco.reference`` (``adamw_step_``,
-``sgd_step_``, ``plain_adamw_step_``, ``plain_sgd_step_``), plus
-``plain_adamw_steps_``/``plain_sgd_steps_`` (many plain tensors in one launch),
-``quantize`` and ``dequantize``. The optimizer uses them for CUDA tensors
-(:func:`supports`); ``backend="reference"`` or ``ECO_BACKEND=reference``
-forces the reference path. Under ``TRITON_INTERPRET=1`` they also run on CPU
+``sgd_step_``, ``plain_adamw_step_``, ``plain_sgd_step_`` and their batched
+forms ``adamw_steps_``, ``sgd_steps_``, ``plain_adamw_steps_``,
+``plain_sgd_steps_``), plus ``quantize`` and ``dequantize``. The optimizer
+uses them for CUDA tensors (:func:`supports`); ``backend="reference"`` or
+``ECO_BACKEND=reference`` forces the reference path. Under ``TRITON_INTERPRET=1`` they also run on CPU
 tensors (slowly: this is how the tests prove them against the reference), and
 ``eco.AdamW(..., backend="triton")`` then routes CPU parameters here.
 
@@ -43,6 +43,22 @@ AdamW with fp32 master weights, bf16 model weights and bf16 gradients moves 28:
 read g 2, master 4, m 4, v 4; write master 4, m 4, v 4, bf16 weight 2.
 Plain parameters: AdamW reads p, g, m, v and writes p, m, v (28 bytes with
 fp32 everything, 16 with bf16 param and bf16 states).
+
+Many small tensors, few launches: the batched functions (what the optimizer
+calls) put tensors of up to ``MULTI_TENSOR_MAX_NUMEL`` elements that share
+dtypes (quantized: also format and master flag) into one launch of a
+multi-tensor kernel (``eco_step.plain_multi_step_kernel``,
+``eco_step.eco_multi_step_kernel``: the same tile code as the single-tensor
+kernels; an int64 table names each program's tensor and tile and each tensor's
+offsets). Row-wise FP8 and tensor-wise INT4 take two such launches (the absmax
+pass of every tensor, then the storing pass; one workspace). Only tensors whose
+storages are 16-byte aligned and whose last dimension (plain: numel) is a
+multiple of 16 are grouped, so that the accesses stay 128-bit; the others, and
+larger tensors, get their own launch. The bits are those of one launch per
+tensor (seeds are per tensor). Counted by ``bench/launch_count.py``: 4 layers
+of 32 experts with three 128x256 linears each step in 2 launches (3 with
+row/tensor scales) instead of 385 (769). What that saves in time needs a GPU
+and was not measured.
 
 Each launch compiles for its device (the ``TARGET`` constexpr, see
 ``specs.KernelSpec.constexprs_for``): sm_89+ (H100, B200) converts E4M3 with

@@ -265,7 +265,7 @@ def scale_bytes_per_element(spec) -> float:
     group = fmt.get("group_size")
     if not group:
         return 0.0
-    per_group = {"step": 8, "quantize": 4, "dequantize": 4}.get(spec.meta["kernel"], 0)
+    per_group = {"step": 8, "step_multi": 8, "quantize": 4, "dequantize": 4}.get(spec.meta["kernel"], 0)
     return per_group / group
 
 

@@ -23,7 +23,10 @@ workspace, and saves the old scale; ``PASS == 1`` recomputes the identical
 stores. INT4 tiles hold elements like FP8 ones (so grad, m, v are read with
 contiguous vector loads); the code bytes (even element in the low nibble, odd
 in the high) are loaded contiguously and unpacked with ``tl.join``, and packed
-back with ``tl.split`` before the store.
+back with ``tl.split`` before the store. The tile logic is :func:`eco_tile`,
+once: ``eco_step_kernel`` runs it for one tensor (grid rows x tiles),
+``eco_multi_step_kernel`` for many (a table gives each program its tensor,
+row and tile).
 """
 
 from __future__ import annotations

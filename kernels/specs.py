@@ -28,8 +28,9 @@ Fields of a :class:`KernelSpec`:
     Launch options; ``options`` always holds ``enable_fp_fusion=False``
     (no FMA contraction: bit-identity with the reference needs it).
 ``meta``
-    What the entry is for: ``kernel`` (``"step"``, ``"quantize"``,
-    ``"dequantize"``, ``"plain"``, ``"plain_multi"``), ``optimizer``
+    What the entry is for: ``kernel`` (``"step"``, ``"step_multi"``: many
+    tensors in one launch, ``"quantize"``, ``"dequantize"``, ``"plain"``,
+    ``"plain_multi"``), ``optimizer``
     (``"adamw"``/``"sgd"``/None), ``format`` (``eco.formats`` config dict or
     None), ``rounding``, ``state_dtype``, ``grad_dtype`` (the input tensor's dtype
     for quantize; the parameter's for plain), ``out_dtype`` (dequantize),
