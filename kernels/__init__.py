@@ -325,7 +325,10 @@ def _step_table(fmt: QuantFormat, block: int, items: list) -> tuple:
     programs, entries, workspace = [], [], 0
     firsts = items[0][1:]
     for index, (shape, *tensors) in enumerate(items):
-        geo = _geometry(fmt, shape)
+        # Block/group formats: the tensor as one row of numel elements (its groups never straddle rows, and
+        # the random bits of element i are those of the per-row tiling: counter i // 4), so that narrow
+        # matrices fill whole tiles. Row/tensor scales need real rows.
+        geo = _geometry(fmt, shape if fmt.row_group is None else (1, math.prod(shape)))
         tiles = triton.cdiv(geo["n_cols"], block)
         linear = torch.arange(geo["rows"] * tiles, dtype=torch.int64)
         programs.append(torch.stack((torch.full_like(linear, index), linear // tiles, linear % tiles), dim=1))

@@ -310,6 +310,9 @@ def eco_multi_step_kernel(
     so the hints below hold and the accesses are as wide as in
     :func:`eco_step_kernel`. Row-wise/tensor-wise formats run this twice
     (``PASS`` 0 for every tensor, then ``PASS`` 1), like the single kernel.
+    Block/group formats are given each tensor as one row of ``numel`` elements
+    (groups never straddle rows; the random bits of element ``i`` are the same),
+    so that the tiles of narrow matrices are full.
     """
     pid = tl.program_id(0)
     program = table_ptr + MULTI_PROGRAM_WORDS * pid

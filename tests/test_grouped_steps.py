@@ -151,7 +151,7 @@ def test_grouped_step_with_master_weights_and_fp32_states(name, launches):
 def test_launch_count_many_small_experts(name, monkeypatch):
     """8 small expert matrices of one format: one launch (two for row/tensor scales); a ragged one
     (last dim not a multiple of 16, or a non-contiguous gradient for block/group formats) and a
-    large one get their own; the multi launch covers every tile of the eight."""
+    large one get their own; the multi launch has one program per tile of the eight."""
     fmt = FORMATS[name]
     monkeypatch.setattr(kernels, "MULTI_TENSOR_MAX_NUMEL", LARGE)
     recorded = []
@@ -169,7 +169,10 @@ def test_launch_count_many_small_experts(name, monkeypatch):
     single = [spec for spec, _ in recorded if spec.meta["kernel"] == "step"]
     assert len(multi) == passes(fmt) and len(single) == 2 * passes(fmt), [s.name for s, _ in recorded]
     block = multi[0][0].constexprs["BLOCK"]
-    tiles = sum(math.prod(s[:-1]) * -(-s[-1] // block) for s in experts)
+    if fmt.row_group is None:  # row/tensor scales: tiles of rows
+        tiles = sum(math.prod(s[:-1]) * -(-s[-1] // block) for s in experts)
+    else:  # block/group scales: a weight is one flat row, its narrow rows share tiles
+        tiles = sum(-(-math.prod(s) // block) for s in experts)
     assert all(grid == (tiles,) for _, grid in multi)
     assert [spec.meta["pass"] for spec, _ in multi] == ([0, 1] if passes(fmt) == 2 else [1])
 
