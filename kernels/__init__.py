@@ -54,8 +54,10 @@ offsets). Row-wise FP8 and tensor-wise INT4 take two such launches (the absmax
 pass of every tensor, then the storing pass; one workspace). Only tensors whose
 storages are 16-byte aligned and whose last dimension (plain: numel) is a
 multiple of 16 are grouped, so that the accesses stay 128-bit; the others, and
-larger tensors, get their own launch. The bits are those of one launch per
-tensor (seeds are per tensor). Counted by ``bench/launch_count.py``: 4 layers
+larger tensors, get their own launch. Block/group formats tile each tensor
+as one flat row, so narrow matrices fill whole tiles (the 128- and 256-column
+experts below: 12288 programs instead of 65536). The bits are those of one
+launch per tensor (seeds are per tensor). Counted by ``bench/launch_count.py``: 4 layers
 of 32 experts with three 128x256 linears each step in 2 launches (3 with
 row/tensor scales) instead of 385 (769). What that saves in time needs a GPU
 and was not measured.
