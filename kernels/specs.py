@@ -26,7 +26,8 @@ Fields of a :class:`KernelSpec`:
     checks it). :meth:`KernelSpec.attrs` turns them into ASTSource ``attrs``.
 ``num_warps``, ``options``
     Launch options; ``options`` always holds ``enable_fp_fusion=False``
-    (no FMA contraction: bit-identity with the reference needs it).
+    (no FMA contraction: bit-identity with the reference needs it), and
+    ``maxnreg`` for the 8-warp step kernels.
 ``meta``
     What the entry is for: ``kernel`` (``"step"``, ``"step_multi"``: many
     tensors in one launch, ``"quantize"``, ``"dequantize"``, ``"plain"``,
@@ -55,8 +56,11 @@ from . import eco_step
 GROUP_SIZES = (32, 64, 128)
 STEP_BLOCK = 1024          # elements per program, block/group formats
 ROWWISE_BLOCK = 2048       # elements per program, row-wise FP8 / tensor-wise INT4 (fewer atomics)
+MULTI_STEP_BLOCK = 2048    # elements per program, block/group formats in the multi-tensor step (8 warps)
 PLAIN_BLOCK = 1024
 OPTIONS = {"enable_fp_fusion": False}
+#: register limit of the 8-warp step kernels; see :func:`_step_tiling`
+WIDE_STEP_MAX_REGISTERS = 96
 
 TRITON_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 STATE_DTYPES = (torch.float32, torch.bfloat16)
@@ -108,7 +112,7 @@ def _arg_names(fn) -> list[str]:
     return list(inspect.signature(fn.fn).parameters)
 
 
-def _spec(name, fn, types: dict, constexprs: dict, num_warps: int, meta: dict) -> KernelSpec:
+def _spec(name, fn, types: dict, constexprs: dict, num_warps: int, meta: dict, options=None) -> KernelSpec:
     names = _arg_names(fn)
     constexprs = {**constexprs, "TARGET": 0}  # every kernel takes it; see KernelSpec.constexprs_for
     missing = set(names) - set(types) - set(constexprs)
@@ -116,11 +120,33 @@ def _spec(name, fn, types: dict, constexprs: dict, num_warps: int, meta: dict) -
         raise AssertionError(f"spec {name}: no type for {sorted(missing)}")
     signature = {n: ("constexpr" if n in constexprs else types[n]) for n in names}
     aligned = tuple(n for n in names if signature[n].startswith("*"))
-    return KernelSpec(name, fn, signature, dict(constexprs), aligned, num_warps, meta)
+    return KernelSpec(name, fn, signature, dict(constexprs), aligned, num_warps, meta, dict(options or OPTIONS))
 
 
 _SCALARS = {f"k{i}": "fp32" for i in range(8)} | {"inject": "fp32"}
 _STEP_INTS = {"n_cols": "i32", "code_cols": "i32", "rows_per_scale": "i32", "n_scale_groups": "i32", "seed": "i64"}
+
+
+def _step_tiling(group_size: int, master: bool, multi: bool) -> tuple[int, int, dict]:
+    """``(BLOCK, num_warps, options)`` of a step kernel: the largest tile that compiles without spills on every target.
+
+    Block/group formats: 8 elements a thread (128-bit bf16 loads). Row/tensor
+    formats: 16 (fewer atomics, fewer SASS per element), but 8 with a master
+    copy, whose extra stream made sm_100 spill at 16. The multi-tensor step
+    holds its table's offsets too: at 1024 elements x 4 warps it spilled 8-24
+    bytes around the IEEE div/sqrt slow-path calls (sm_80/90/100), so it runs
+    2048 x 8 warps (the same 8 elements a thread). Left to choose, ptxas
+    stopped some 256-thread kernels at 64 registers and spilled 8-16 bytes on
+    sm_100; with the explicit limit ``WIDE_STEP_MAX_REGISTERS`` (96) they take
+    62-90 and spill nothing (at least 2 blocks, 16 warps, a SM). Checked by
+    ``tests/test_aot_compile.py``, which compiles every specialization.
+    """
+    if group_size:
+        block, num_warps = (MULTI_STEP_BLOCK, 8) if multi else (STEP_BLOCK, 4)
+    else:
+        block, num_warps = (ROWWISE_BLOCK, 8) if master else (ROWWISE_BLOCK, 4)
+    options = {**OPTIONS, "maxnreg": WIDE_STEP_MAX_REGISTERS} if num_warps == 8 else dict(OPTIONS)
+    return block, num_warps, options
 
 
 def _step_specs(multi: bool = False) -> list[KernelSpec]:
@@ -142,9 +168,9 @@ def _step_specs(multi: bool = False) -> list[KernelSpec]:
                                     "master_ptr": "*fp32", "src_ptr": f"*{gr}", **_STEP_INTS, **_SCALARS,
                                     "table_ptr": "*i64",
                                 }
+                                block, num_warps, options = _step_tiling(gs, master, multi)
                                 constexprs = dict(
-                                    OPT=opt, IS_INT4=config["name"] == "int4", GROUP=gs,
-                                    BLOCK=STEP_BLOCK if gs else ROWWISE_BLOCK,
+                                    OPT=opt, IS_INT4=config["name"] == "int4", GROUP=gs, BLOCK=block,
                                     STOCHASTIC=rounding == "stochastic", HAS_MASTER=master, PASS=pass_,
                                 )
                                 tag = "absmax-pass" if pass_ == 0 else rounding
@@ -155,7 +181,7 @@ def _step_specs(multi: bool = False) -> list[KernelSpec]:
                                             format=config, rounding=rounding, state_dtype=state, grad_dtype=grad,
                                             master=master, **{"pass": pass_})
                                 fn = eco_step.eco_multi_step_kernel if multi else eco_step.eco_step_kernel
-                                specs.append(_spec(name, fn, types, constexprs, 4, meta))
+                                specs.append(_spec(name, fn, types, constexprs, num_warps, meta, options))
     return specs
 
 
