@@ -56,10 +56,11 @@ storages are 16-byte aligned and whose last dimension (plain: numel) is a
 multiple of 16 are grouped, so that the accesses stay 128-bit; the others, and
 larger tensors, get their own launch. Block/group formats tile each tensor
 as one flat row, so narrow matrices fill whole tiles (the 128- and 256-column
-experts below: 12288 programs instead of 65536). The bits are those of one
-launch per tensor (seeds are per tensor). Counted by ``bench/launch_count.py``: 4 layers
-of 32 experts with three 128x256 linears each step in 2 launches (3 with
-row/tensor scales) instead of 385 (769). What that saves in time needs a GPU
+experts below: 6144 programs of 2048 elements instead of 65536 of one row
+each). The bits are those of one launch per tensor (seeds are per tensor).
+Counted by ``bench/launch_count.py``: 4 layers of 32 experts with three
+128x256 linears each step in 2 launches (3 with row/tensor scales) instead of
+385 (769). What that saves in time needs a GPU
 and was not measured.
 
 Each launch compiles for its device (the ``TARGET`` constexpr, see
