@@ -60,8 +60,7 @@ experts below: 6144 programs of 2048 elements instead of 65536 of one row
 each). The bits are those of one launch per tensor (seeds are per tensor).
 Counted by ``bench/launch_count.py``: 4 layers of 32 experts with three
 128x256 linears each step in 2 launches (3 with row/tensor scales) instead of
-385 (769). What that saves in time needs a GPU
-and was not measured.
+385 (769). What that saves in time needs a GPU and was not measured.
 
 Each launch compiles for its device (the ``TARGET`` constexpr, see
 ``specs.KernelSpec.constexprs_for``): sm_89+ (H100, B200) converts E4M3 with

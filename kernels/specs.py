@@ -27,7 +27,7 @@ Fields of a :class:`KernelSpec`:
 ``num_warps``, ``options``
     Launch options; ``options`` always holds ``enable_fp_fusion=False``
     (no FMA contraction: bit-identity with the reference needs it), and
-    ``maxnreg`` for the 8-warp step kernels.
+    ``maxnreg`` for some step kernels (see ``_step_tiling``).
 ``meta``
     What the entry is for: ``kernel`` (``"step"``, ``"step_multi"``: many
     tensors in one launch, ``"quantize"``, ``"dequantize"``, ``"plain"``,
@@ -59,8 +59,6 @@ ROWWISE_BLOCK = 2048       # elements per program, row-wise FP8 / tensor-wise IN
 MULTI_STEP_BLOCK = 2048    # elements per program, block/group formats in the multi-tensor step (8 warps)
 PLAIN_BLOCK = 1024
 OPTIONS = {"enable_fp_fusion": False}
-#: register limit of the 8-warp step kernels; see :func:`_step_tiling`
-WIDE_STEP_MAX_REGISTERS = 96
 
 TRITON_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 STATE_DTYPES = (torch.float32, torch.bfloat16)
@@ -127,26 +125,24 @@ _SCALARS = {f"k{i}": "fp32" for i in range(8)} | {"inject": "fp32"}
 _STEP_INTS = {"n_cols": "i32", "code_cols": "i32", "rows_per_scale": "i32", "n_scale_groups": "i32", "seed": "i64"}
 
 
-def _step_tiling(group_size: int, master: bool, multi: bool) -> tuple[int, int, dict]:
-    """``(BLOCK, num_warps, options)`` of a step kernel: the largest tile that compiles without spills on every target.
+def _step_tiling(group_size: int, multi: bool) -> tuple[int, int, dict]:
+    """``(BLOCK, num_warps, options)`` of a step kernel: large tiles that compile without spills on every target.
 
-    Block/group formats: 8 elements a thread (128-bit bf16 loads). Row/tensor
-    formats: 16 (fewer atomics, fewer SASS per element), but 8 with a master
-    copy, whose extra stream made sm_100 spill at 16. The multi-tensor step
-    holds its table's offsets too: at 1024 elements x 4 warps it spilled 8-24
-    bytes around the IEEE div/sqrt slow-path calls (sm_80/90/100), so it runs
-    2048 x 8 warps (the same 8 elements a thread). Left to choose, ptxas
-    stopped some 256-thread kernels at 64 registers and spilled 8-16 bytes on
-    sm_100; with the explicit limit ``WIDE_STEP_MAX_REGISTERS`` (96) they take
-    62-90 and spill nothing (at least 2 blocks, 16 warps, a SM). Checked by
+    Block/group formats: 8 elements a thread (128-bit bf16 loads); the
+    multi-tensor step also holds its table's offsets, and at 1024 x 4 warps it
+    spilled around the IEEE div/sqrt slow-path calls, so it runs 2048 x 8
+    warps. Row/tensor formats: 16 elements a thread (fewer atomics, 7-8 fewer
+    SASS per element and pass than 8). Left to choose, ptxas stopped at 64
+    registers for 8 warps and 96 for 4 and spilled 8-104 bytes (master-weight
+    and multi-tensor steps, mostly sm_100); with the explicit ``maxnreg``
+    below they take up to 91 and 150 and spill nothing. Checked by
     ``tests/test_aot_compile.py``, which compiles every specialization.
     """
     if group_size:
-        block, num_warps = (MULTI_STEP_BLOCK, 8) if multi else (STEP_BLOCK, 4)
-    else:
-        block, num_warps = (ROWWISE_BLOCK, 8) if master else (ROWWISE_BLOCK, 4)
-    options = {**OPTIONS, "maxnreg": WIDE_STEP_MAX_REGISTERS} if num_warps == 8 else dict(OPTIONS)
-    return block, num_warps, options
+        if multi:
+            return MULTI_STEP_BLOCK, 8, {**OPTIONS, "maxnreg": 96}
+        return STEP_BLOCK, 4, dict(OPTIONS)
+    return ROWWISE_BLOCK, 4, {**OPTIONS, "maxnreg": 160}
 
 
 def _step_specs(multi: bool = False) -> list[KernelSpec]:
@@ -168,7 +164,7 @@ def _step_specs(multi: bool = False) -> list[KernelSpec]:
                                     "master_ptr": "*fp32", "src_ptr": f"*{gr}", **_STEP_INTS, **_SCALARS,
                                     "table_ptr": "*i64",
                                 }
-                                block, num_warps, options = _step_tiling(gs, master, multi)
+                                block, num_warps, options = _step_tiling(gs, multi)
                                 constexprs = dict(
                                     OPT=opt, IS_INT4=config["name"] == "int4", GROUP=gs, BLOCK=block,
                                     STOCHASTIC=rounding == "stochastic", HAS_MASTER=master, PASS=pass_,
