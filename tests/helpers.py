@@ -38,3 +38,27 @@ def load_example(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """An integer view, so that equality is bitwise (NaN == NaN, -0.0 != +0.0)."""
+    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
+def assert_bits_equal(actual, expected, what):
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, what
+    differ = (bits(actual) != bits(expected)).sum().item()
+    assert differ == 0, f"{what}: {differ} of {actual.numel()} elements differ"
+
+
+def assert_same_training_state(expected_model, expected_opt, actual_model, actual_opt):
+    """Two trained copies of a model agree bit for bit: weights (codes and scales) and every optimizer state tensor."""
+    for (name, a), (_, b) in zip(expected_model.named_parameters(), actual_model.named_parameters(), strict=True):
+        if isinstance(a, eco.QuantizedTensor):
+            assert_bits_equal(b.codes, a.codes, f"{name} codes")
+            assert_bits_equal(b.scales, a.scales, f"{name} scales")
+        else:
+            assert_bits_equal(b.data, a.data, name)
+        for key, value in expected_opt.state[a].items():
+            if isinstance(value, torch.Tensor):
+                assert_bits_equal(actual_opt.state[b][key], value, f"{name} {key}")

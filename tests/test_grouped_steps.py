@@ -17,22 +17,12 @@ from eco.kernels import eco_step
 
 import eco
 from eco import kernels, reference
-from tests.helpers import FORMATS
+from tests.helpers import FORMATS, assert_bits_equal, assert_same_training_state, bits
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ADAM = dict(lr=0.1, beta1=0.9, beta2=0.98, eps=1e-8, weight_decay=0.1)  # large steps: INT4 codes move too
 SGD = dict(lr=0.5, momentum=0.9, weight_decay=0.01)
 LARGE = 1024  # MULTI_TENSOR_MAX_NUMEL in these tests: a "large" weight the interpreter still runs quickly
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[t.element_size()])
-
-
-def assert_bits_equal(actual, expected, what):
-    assert actual.dtype == expected.dtype and actual.shape == expected.shape, what
-    differ = (bits(actual) != bits(expected)).sum().item()
-    assert differ == 0, f"{what}: {differ} of {actual.numel()} elements differ"
 
 
 @pytest.fixture
@@ -237,15 +227,7 @@ def test_optimizer_groups_quantized_experts_and_equals_reference(name, launches)
     ker_model, ker_opt = train(fmt, "triton", 3)
     quantized = [p for p in ker_model.parameters() if isinstance(p, eco.QuantizedTensor)]
     assert len(quantized) == 8
-    for (name_, a), (_, b) in zip(ref_model.named_parameters(), ker_model.named_parameters(), strict=True):
-        if isinstance(a, eco.QuantizedTensor):
-            assert_bits_equal(b.codes, a.codes, f"{name_} codes")
-            assert_bits_equal(b.scales, a.scales, f"{name_} scales")
-        else:
-            assert_bits_equal(b.data, a.data, name_)
-        for key, value in ref_opt.state[a].items():
-            if isinstance(value, torch.Tensor):
-                assert_bits_equal(ker_opt.state[b][key], value, f"{name_} {key}")
+    assert_same_training_state(ref_model, ref_opt, ker_model, ker_opt)
     # per step: the 8 expert matrices in one launch per pass, the (plain) router weight in one more
     assert len(launches) == 3 * (passes(fmt) + 1), launches
     assert sum(n.startswith("multi/") for n in launches) == 3 * passes(fmt)

@@ -19,6 +19,7 @@ from eco.kernels import eco_step, specs
 import eco
 from eco import kernels, reference
 from eco.formats import ZERO_GROUP_ABSMAX, format_from_config
+from tests.helpers import assert_bits_equal, assert_same_training_state, bits
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ADAM = dict(lr=0.02, beta1=0.9, beta2=0.98, eps=1e-8, weight_decay=0.1)
@@ -42,17 +43,6 @@ def case_id(fmt, shape):
 
 CASES = [(fmt, shape) for fmt in FORMATS for shape in shapes_for(fmt)]
 CASE_IDS = [case_id(f, s) for f, s in CASES]
-
-
-def bits(t: torch.Tensor) -> torch.Tensor:
-    """An integer view, so that equality is bitwise (NaN == NaN, -0.0 != +0.0)."""
-    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[t.element_size()])
-
-
-def assert_bits_equal(actual, expected, what):
-    assert actual.dtype == expected.dtype and actual.shape == expected.shape, what
-    differ = (bits(actual) != bits(expected)).sum().item()
-    assert differ == 0, f"{what}: {differ} of {actual.numel()} elements differ"
 
 
 def make_state(fmt, shape, optimizer, state_dtype, grad_dtype, seed=0):
@@ -273,15 +263,7 @@ def test_optimizer_steps_kernel_path_equals_reference_path(fmt, optimizer_cls, k
     """Three steps of eco.AdamW/eco.SGD, backend='triton' vs 'reference': the same model and state, bit for bit."""
     ref_model, ref_opt = train(optimizer_cls, fmt, "reference", 3, torch.bfloat16, **kwargs)
     ker_model, ker_opt = train(optimizer_cls, fmt, "triton", 3, torch.bfloat16, **kwargs)
-    for (name, a), (_, b) in zip(ref_model.named_parameters(), ker_model.named_parameters(), strict=True):
-        if isinstance(a, eco.QuantizedTensor):
-            assert_bits_equal(b.codes, a.codes, f"{name} codes")
-            assert_bits_equal(b.scales, a.scales, f"{name} scales")
-        else:
-            assert_bits_equal(b.data, a.data, name)
-        for key, value in ref_opt.state[a].items():
-            if isinstance(value, torch.Tensor):
-                assert_bits_equal(ker_opt.state[b][key], value, f"{name} {key}")
+    assert_same_training_state(ref_model, ref_opt, ker_model, ker_opt)
 
 
 def test_optimizer_kernel_path_skips_nonfinite_step():
