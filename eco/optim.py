@@ -73,11 +73,22 @@ def _injects(group: dict) -> bool:
 
 
 def _all_finite(grads: list[torch.Tensor]) -> bool:
-    """True when no gradient holds NaN or inf: one fused reduction per device/dtype, one sync."""
+    """True when no gradient holds NaN or inf: one host sync for all of them.
+
+    On CPU each gradient's ``aminmax`` (NaN propagates into both, an inf into one):
+    torch's CPU ``_foreach_norm(inf)`` reduces bf16 in a scalar loop, 38 ms for the
+    14M values of bench/step_speed.py, more than a whole torch AdamW step, where
+    ``aminmax`` takes 1.4 ms. Elsewhere one fused ``_foreach_norm(inf)`` per device/dtype.
+    """
     if not grads:
         return True
-    maxima = torch._foreach_norm(grads, float("inf"))
-    return bool(torch.stack([m.float().to(grads[0].device) for m in maxima]).isfinite().all())
+    extremes = [e for g in grads if g.device.type == "cpu" and g.numel() for e in torch.aminmax(g)]
+    others = [g for g in grads if g.device.type != "cpu"]
+    if others:
+        extremes.extend(torch._foreach_norm(others, float("inf")))
+    if not extremes:
+        return True
+    return bool(torch.stack([e.float().to(grads[0].device) for e in extremes]).isfinite().all())
 
 
 class _ECOOptimizer(torch.optim.Optimizer):

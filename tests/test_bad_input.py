@@ -56,6 +56,24 @@ def test_nonfinite_gradient_skips_the_whole_step(bad, opt_cls):
             assert torch.isfinite(p.dequantize()).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_nonfinite_check_finds_one_bad_value_anywhere(dtype, bad):
+    """The pre-step check (aminmax on CPU) sees a single bad value in any position, dtype and layout."""
+    from eco.optim import _all_finite
+
+    def grads():  # an empty, a 0-d, a non-contiguous and a long gradient
+        return [torch.empty(0, dtype=dtype), torch.tensor(0.5, dtype=dtype),
+                torch.randn(6, 10).to(dtype)[:, ::3], torch.randn(5000).to(dtype)]
+
+    assert _all_finite(grads())
+    assert _all_finite([torch.empty(0, dtype=dtype)])
+    for which, index in [(1, ()), (2, (5, 3)), (3, (0,)), (3, (4999,)), (3, (2500,))]:
+        gs = grads()
+        gs[which][index] = bad
+        assert not _all_finite(gs), (which, index)
+
+
 def test_nonfinite_gradient_can_raise_instead():
     model = eco.quantize_(mlp(), eco.FP8())
     opt = eco.AdamW(model.parameters(), nonfinite="raise")
