@@ -8,6 +8,7 @@ without taking their full cross product.
 import functools
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -118,6 +119,37 @@ def test_counter_uniform_is_uniform_and_independent_across_seeds_and_neighbours(
         r = torch.corrcoef(torch.stack((a, b)).double())[0, 1]
         assert abs(r) < 4 / len(u) ** 0.5
     assert torch.equal(u, compiled.counter_uniform(torch.tensor(123456789123), y))  # reproducible
+
+
+def _lowbias32_uniform(seed: int, numel: int) -> np.ndarray:
+    """counter_uniform written independently, in numpy uint32 arithmetic (wrapping by definition)."""
+    with np.errstate(over="ignore"):
+        x = np.arange(numel, dtype=np.uint64).astype(np.uint32) * np.uint32((seed >> 32) | 1) \
+            + np.uint32(seed & 0xFFFFFFFF)
+        x ^= x >> np.uint32(16)
+        x *= np.uint32(0x7FEB352D)
+        x ^= x >> np.uint32(15)
+        x *= np.uint32(0x846CA68B)
+        x ^= x >> np.uint32(16)
+    return (x >> np.uint32(8)).astype(np.float32) * np.float32(2.0**-24)
+
+
+SEEDS = [0, 1, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**62 - 1, 123456789123, ((2**30 - 1) << 32) + 3_000_000_000]
+
+
+@pytest.mark.parametrize("how", ["eager", "compiled", "int64 index"])
+def test_counter_uniform_is_the_lowbias32_hash_bit_for_bit(how, monkeypatch):
+    """The int32 implementation wraps exactly like uint32 arithmetic, eager and compiled, for seeds whose
+    low word has the sign bit set; tensors of 2**31+ elements (the int64 index path) give the same values."""
+    if how == "int64 index":
+        monkeypatch.setattr(compiled, "_INT32_INDEX_LIMIT", 100)
+    fn = compiled.counter_uniform
+    if how == "compiled":
+        fn = torch.compile(fn, dynamic=False, fullgraph=True)
+    y = torch.empty(7, 4099)
+    for seed in SEEDS:
+        expected = torch.from_numpy(_lowbias32_uniform(seed, y.numel())).reshape(y.shape)
+        assert torch.equal(fn(torch.tensor(seed), y), expected), seed
 
 
 def test_stochastic_rounding_with_counter_uniforms_is_unbiased():
