@@ -82,9 +82,15 @@ def counter_uniform(seed: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return _shift_right_logical(x, 8).to(torch.float32) * (1.0 / 16777216.0)
 
 
+@functools.cache
+def _cxx_compiler() -> str | None:
+    """The C++ compiler inductor will find on PATH, looked up once (dispatch asks for every tensor, every step)."""
+    return next((cc for cc in ("c++", "g++", "clang++") if shutil.which(cc)), None)
+
+
 def unavailable_reason() -> str | None:
     """Why this path cannot run here, or None when it can (as far as can be told without compiling)."""
-    if not any(shutil.which(cc) for cc in ("c++", "g++", "clang++")):
+    if _cxx_compiler() is None:
         return "torch.compile on CPU needs a C++ compiler (c++, g++ or clang++ on PATH)"
     return None
 
@@ -155,80 +161,85 @@ def _dynamo_settings() -> dict:
     return {k: v for k, v in wanted.items() if hasattr(torch._dynamo.config, k)}
 
 
-def _run(compiled_call, eager_call) -> None:
-    """Run the compiled step; if compiling fails, remember why, warn once and run the eager reference.
+def _run(calls) -> None:
+    """Run each ``(compiled_call, eager_call)`` pair's compiled call; if compiling fails, remember why,
+    warn once and run the eager reference from then on.
 
     Compilation happens before the compiled code touches any tensor, so a
-    failure leaves the inputs as they were.
+    failure leaves the inputs as they were. One dynamo settings patch covers
+    the whole list: entering it costs more than the compiled step of a small tensor.
     """
     global _failure
-    if _failure is None:
-        try:
-            with torch._dynamo.config.patch(**_dynamo_settings()):
-                compiled_call()
-            return
-        except Exception as exc:  # inductor raises many types (BackendCompilerFailed, CppCompileError, ...)
-            _failure = f"torch.compile failed on this machine ({type(exc).__name__}: {str(exc)[:300]})"
-            warnings.warn(f"eco: {_failure}; using the eager reference path instead", RuntimeWarning,
-                          stacklevel=3)
-    eager_call()
+    with torch._dynamo.config.patch(**_dynamo_settings()):
+        for compiled_call, eager_call in calls:
+            if _failure is None:
+                try:
+                    compiled_call()
+                    continue
+                except Exception as exc:  # inductor raises many types (BackendCompilerFailed, CppCompileError, ...)
+                    _failure = f"torch.compile failed on this machine ({type(exc).__name__}: {str(exc)[:300]})"
+                    warnings.warn(f"eco: {_failure}; using the eager reference path instead", RuntimeWarning,
+                                  stacklevel=4)
+            eager_call()
 
 
 @torch.no_grad()
 def adamw_step_(codes, scales, grad, exp_avg, exp_avg_sq, master, *, fmt, shape, scalars, rounding, seed,
                 update_weight: bool = True) -> None:
     """:func:`eco.reference.adamw_step_`, compiled (stochastic rounding from :func:`counter_uniform`)."""
-    fn = _adamw(fmt, rounding, update_weight, reference._injects(master, scalars))
-    k, seed_t = reference.coefficients(scalars), _seed_tensor(seed)
-    _run(lambda: fn(codes, scales, grad.reshape(shape), exp_avg, exp_avg_sq, master, k, seed_t),
-         lambda: reference.adamw_step_(codes, scales, grad, exp_avg, exp_avg_sq, master, fmt=fmt, shape=shape,
-                                       scalars=scalars, rounding=rounding, seed=seed, update_weight=update_weight))
+    adamw_steps_([codes], [scales], [grad], [exp_avg], [exp_avg_sq], [master], fmt=fmt, shapes=[shape],
+                 scalars=scalars, rounding=rounding, seeds=[seed], update_weight=update_weight)
 
 
 @torch.no_grad()
 def sgd_step_(codes, scales, grad, momentum_buf, master, *, fmt, shape, scalars, rounding, seed,
               update_weight: bool = True) -> None:
     """:func:`eco.reference.sgd_step_`, compiled (stochastic rounding from :func:`counter_uniform`)."""
-    fn = _sgd(fmt, rounding, update_weight, reference._injects(master, scalars), scalars.weight_decay != 0.0)
-    k, seed_t = reference.coefficients(scalars), _seed_tensor(seed)
-    _run(lambda: fn(codes, scales, grad.reshape(shape), momentum_buf, master, k, seed_t),
-         lambda: reference.sgd_step_(codes, scales, grad, momentum_buf, master, fmt=fmt, shape=shape,
-                                     scalars=scalars, rounding=rounding, seed=seed, update_weight=update_weight))
+    sgd_steps_([codes], [scales], [grad], [momentum_buf], [master], fmt=fmt, shapes=[shape], scalars=scalars,
+               rounding=rounding, seeds=[seed], update_weight=update_weight)
 
 
 @torch.no_grad()
 def plain_adamw_steps_(params, grads, exp_avgs, exp_avg_sqs, *, scalars) -> None:
     """:func:`eco.reference.plain_adamw_steps_`, compiled (one fused loop per tensor)."""
-    k = reference.coefficients(scalars)
-    for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs, strict=True):
-        _run(lambda: _plain_adamw()(p, g, m, v, k),  # noqa: B023 - called before the loop moves on
-             lambda: reference.plain_adamw_step_(p, g, m, v, scalars=scalars))  # noqa: B023
+    k, fn = reference.coefficients(scalars), _plain_adamw()
+    _run([(functools.partial(fn, p, g, m, v, k),
+           functools.partial(reference.plain_adamw_step_, p, g, m, v, scalars=scalars))
+          for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs, strict=True)])
 
 
 @torch.no_grad()
 def plain_sgd_steps_(params, grads, momentum_bufs, *, scalars) -> None:
     """:func:`eco.reference.plain_sgd_steps_`, compiled (one fused loop per tensor)."""
-    k = reference.coefficients(scalars)
-    fn = _plain_sgd(scalars.weight_decay != 0.0)
-    for p, g, m in zip(params, grads, momentum_bufs, strict=True):
-        _run(lambda: fn(p, g, m, k),  # noqa: B023 - called before the loop moves on
-             lambda: reference.plain_sgd_step_(p, g, m, scalars=scalars))  # noqa: B023
+    k, fn = reference.coefficients(scalars), _plain_sgd(scalars.weight_decay != 0.0)
+    _run([(functools.partial(fn, p, g, m, k), functools.partial(reference.plain_sgd_step_, p, g, m, scalars=scalars))
+          for p, g, m in zip(params, grads, momentum_bufs, strict=True)])
 
 
 @torch.no_grad()
 def adamw_steps_(codes, scales, grads, exp_avgs, exp_avg_sqs, masters, *, fmt, shapes, scalars, rounding, seeds,
                  update_weight: bool = True) -> None:
-    """:func:`eco.reference.adamw_steps_`, compiled (one fused loop per weight)."""
+    """:func:`eco.reference.adamw_steps_`, compiled (one fused loop per weight; coefficients made once)."""
+    k = reference.coefficients(scalars)
+    calls = []
     for c, s, g, m, v, w, shape, seed in zip(codes, scales, grads, exp_avgs, exp_avg_sqs, masters, shapes, seeds,
                                              strict=True):
-        adamw_step_(c, s, g, m, v, w, fmt=fmt, shape=shape, scalars=scalars, rounding=rounding, seed=seed,
-                    update_weight=update_weight)
+        fn = _adamw(fmt, rounding, update_weight, reference._injects(w, scalars))
+        calls.append((functools.partial(fn, c, s, g.reshape(shape), m, v, w, k, _seed_tensor(seed)),
+                      functools.partial(reference.adamw_step_, c, s, g, m, v, w, fmt=fmt, shape=shape,
+                                        scalars=scalars, rounding=rounding, seed=seed, update_weight=update_weight)))
+    _run(calls)
 
 
 @torch.no_grad()
 def sgd_steps_(codes, scales, grads, momentum_bufs, masters, *, fmt, shapes, scalars, rounding, seeds,
                update_weight: bool = True) -> None:
-    """:func:`eco.reference.sgd_steps_`, compiled (one fused loop per weight)."""
+    """:func:`eco.reference.sgd_steps_`, compiled (one fused loop per weight; coefficients made once)."""
+    k, decays = reference.coefficients(scalars), scalars.weight_decay != 0.0
+    calls = []
     for c, s, g, m, w, shape, seed in zip(codes, scales, grads, momentum_bufs, masters, shapes, seeds, strict=True):
-        sgd_step_(c, s, g, m, w, fmt=fmt, shape=shape, scalars=scalars, rounding=rounding, seed=seed,
-                  update_weight=update_weight)
+        fn = _sgd(fmt, rounding, update_weight, reference._injects(w, scalars), decays)
+        calls.append((functools.partial(fn, c, s, g.reshape(shape), m, w, k, _seed_tensor(seed)),
+                      functools.partial(reference.sgd_step_, c, s, g, m, w, fmt=fmt, shape=shape, scalars=scalars,
+                                        rounding=rounding, seed=seed, update_weight=update_weight)))
+    _run(calls)

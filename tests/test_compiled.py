@@ -174,7 +174,7 @@ def test_compiled_is_opt_in_and_refuses_tensors_it_cannot_run(monkeypatch):
     assert optim._select_backend("compiled", cpu) is compiled
     with pytest.raises(RuntimeError, match="backend='compiled' runs CPU tensors"):
         optim._select_backend("compiled", torch.empty(4, device="meta"))
-    monkeypatch.setattr(compiled.shutil, "which", lambda name: None)  # a machine without a C++ compiler
+    monkeypatch.setattr(compiled, "_cxx_compiler", lambda: None)  # a machine without a C++ compiler
     with pytest.raises(RuntimeError, match="needs a C\\+\\+ compiler"):
         optim._select_backend("compiled", cpu)
     monkeypatch.setenv("ECO_BACKEND", "reference")
