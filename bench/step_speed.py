@@ -24,7 +24,8 @@ the process CPU time of a one-thread step, which other processes do not inflate)
 parameters per second, effective bandwidth (the bytes a fused step must move,
 ``eco.kernels.step_bytes``; 28 B/param for fp32 AdamW, 12 for bitsandbytes'
 8-bit states with bf16 weights and gradients), and the ratio to torch AdamW
-measured in the same run. Writes ``bench/results/step_speed_<device>.json``.
+measured in the same run. Writes ``bench/results/step_speed_<device>.json`` (``_<config>`` appended for
+a config other than the device's default).
 
 Usage: ``python bench/step_speed.py`` (CPU: a small config, compiled and eager reference paths)
 or on a GPU ``python bench/step_speed.py --config 1b``.
@@ -48,6 +49,8 @@ from eco import compiled, kernels
 CONFIGS = {  # hidden, intermediate, layers, vocab, heads, kv heads
     "cpu-small": dict(hidden=512, intermediate=1408, layers=2, vocab=8192, heads=8, kv_heads=4),
     "1b": dict(hidden=2048, intermediate=8192, layers=16, vocab=128256, heads=32, kv_heads=8),  # Llama-3.2-1B
+    # many small tensors: each layer's MLP is 32 experts (gate/up/down of 128 x 256) and a plain router
+    "moe-small": dict(hidden=256, intermediate=128, layers=4, vocab=8192, heads=4, kv_heads=2, experts=32),
 }
 FORMATS = {"fp8-row": eco.FP8(), "fp8-block128": eco.FP8(block_size=128), "int4-tensor": eco.INT4(),
            "int4-group32": eco.INT4(group_size=32)}
@@ -62,9 +65,13 @@ def weight_shapes(cfg: dict) -> list[tuple[str, tuple[int, ...], bool]]:
     shapes = [("embed", (cfg["vocab"], h), False)]
     for layer in range(cfg["layers"]):
         p = f"layers.{layer}."
-        shapes += [(p + "q", (h, h), True), (p + "k", (kv, h), True), (p + "v", (kv, h), True), (p + "o", (h, h), True),
-                   (p + "gate", (i, h), True), (p + "up", (i, h), True), (p + "down", (h, i), True),
-                   (p + "attn_norm", (h,), False), (p + "mlp_norm", (h,), False)]
+        shapes += [(p + "q", (h, h), True), (p + "k", (kv, h), True), (p + "v", (kv, h), True), (p + "o", (h, h), True)]
+        experts = [f"experts.{e}." for e in range(cfg["experts"])] if "experts" in cfg else [""]
+        for e in experts:
+            shapes += [(p + e + "gate", (i, h), True), (p + e + "up", (i, h), True), (p + e + "down", (h, i), True)]
+        if "experts" in cfg:
+            shapes.append((p + "router", (cfg["experts"], h), False))
+        shapes += [(p + "attn_norm", (h,), False), (p + "mlp_norm", (h,), False)]
     return shapes + [("norm", (h,), False), ("lm_head", (cfg["vocab"], h), False)]
 
 
@@ -166,7 +173,8 @@ def main(argv=None) -> dict:
     device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
-    config_name = args.config or ("1b" if device.type == "cuda" else "cpu-small")
+    default_config = "1b" if device.type == "cuda" else "cpu-small"
+    config_name = args.config or default_config
     shapes = weight_shapes(CONFIGS[config_name])
     n_params = sum(math.prod(s) for _, s, _ in shapes)
     gen = torch.Generator().manual_seed(0)
@@ -251,7 +259,8 @@ def main(argv=None) -> dict:
         command="python bench/step_speed.py " + " ".join(argv or []),
     )
     print_table(result)
-    out = Path(args.out or Path(__file__).parent / "results" / f"step_speed_{device.type}.json")
+    suffix = "" if args.config is None or args.config == default_config else f"_{config_name}"
+    out = Path(args.out or Path(__file__).parent / "results" / f"step_speed_{device.type}{suffix}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
