@@ -21,7 +21,9 @@ Arms:
 Reported per arm: median step time over ``--runs`` (after warm-up; arms are
 interleaved run by run so that load on a shared machine hits all alike; on CPU
 the process CPU time of a one-thread step, which other processes do not inflate),
-parameters per second, effective bandwidth (the bytes a fused step must move,
+parameters per second, the wall time of the first warm-up step (``first_step_wall_s``: for the
+compiled arms it includes compiling: tens of seconds with an empty inductor cache, a few with a warm one),
+effective bandwidth (the bytes a fused step must move,
 ``eco.kernels.step_bytes``; 28 B/param for fp32 AdamW, 12 for bitsandbytes'
 8-bit states with bf16 weights and gradients), and the ratio to torch AdamW
 measured in the same run. Writes ``bench/results/step_speed_<device>.json`` (``_<config>`` appended for
@@ -87,6 +89,7 @@ class Arm:
         self.name, self.params, self.optimizer, self.bytes_moved, self.note = name, params, optimizer, bytes_moved, note
         self.times: list[float] = []
         self.cpu_times: list[float] = []
+        self.first_step_wall_s: float | None = None
 
     def run(self, device):
         synchronize(device)
@@ -211,6 +214,7 @@ def main(argv=None) -> dict:
             name = "bnb-adamw8bit" if factory is factories[-1] else "an arm"
             skipped[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
             return None
+        arm.first_step_wall_s = arm.times[0] if arm.times else None  # compiled arms compile here
         arm.times.clear()
         arm.cpu_times.clear()
         return arm
@@ -246,7 +250,7 @@ def main(argv=None) -> dict:
             bytes_per_param=arm.bytes_moved / n_params, effective_GBps=arm.bytes_moved / t / 1e9,
             fraction_of_copy_bw=(arm.bytes_moved / t / copy_bw) if copy_bw else None,
             ratio_to_torch_foreach=t / baseline["torch-foreach"],
-            speedup_vs_torch=torch_ref / t, note=arm.note,
+            speedup_vs_torch=torch_ref / t, first_step_wall_s=arm.first_step_wall_s, note=arm.note,
         ))
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     result = dict(

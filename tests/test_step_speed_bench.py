@@ -48,3 +48,4 @@ def test_tiny_run_times_every_cpu_arm_and_writes_json(step_speed, tmp_path, monk
     assert arms["torch-foreach"]["ratio_to_torch_foreach"] == 1.0
     for row in arms.values():
         assert row["median_s"] > 0 and math.isfinite(row["ratio_to_torch_foreach"])
+        assert row["first_step_wall_s"] > 0
