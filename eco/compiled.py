@@ -52,12 +52,16 @@ def _shift_right_logical(x: torch.Tensor, bits: int) -> torch.Tensor:
     return (x >> bits) & ((1 << (32 - bits)) - 1)
 
 
+def _low_word(x: torch.Tensor) -> torch.Tensor:
+    """The low 32 bits of an int64 tensor, as the int32 with those bits."""
+    return (((x & 0xFFFFFFFF) ^ _INT32_SIGN) - _INT32_SIGN).to(torch.int32)
+
+
 def _element_index(numel: int, device) -> torch.Tensor:
     """0, 1, ..., numel - 1 as int32, wrapping at 2**32 (the counter of :func:`counter_uniform`)."""
     if numel < _INT32_INDEX_LIMIT:
         return torch.arange(numel, device=device, dtype=torch.int32)
-    index = torch.arange(numel, device=device, dtype=torch.int64) & 0xFFFFFFFF
-    return ((index ^ _INT32_SIGN) - _INT32_SIGN).to(torch.int32)
+    return _low_word(torch.arange(numel, device=device, dtype=torch.int64))
 
 
 def counter_uniform(seed: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -72,7 +76,7 @@ def counter_uniform(seed: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     # The seed picks a stride (odd, < 2**30) and an offset (its low 32 bits), so two seeds
     # walk different sequences.
     stride = ((seed >> 32) | 1).to(torch.int32)
-    offset = (((seed & 0xFFFFFFFF) ^ _INT32_SIGN) - _INT32_SIGN).to(torch.int32)
+    offset = _low_word(seed)
     x = index * stride + offset
     x = x ^ _shift_right_logical(x, 16)
     x = x * _HASH_MUL1
