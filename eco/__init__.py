@@ -2,7 +2,8 @@
 
 import torch as _torch
 
-from .export import export, load_compact
+from . import _transformers_hook
+from .export import export, load_compact, save_checkpoint
 from .formats import FP8, INT4, QuantFormat
 from .memory import MemoryReport, memory_report
 from .optim import SGD, AdamW
@@ -12,8 +13,10 @@ __version__ = "0.1.0"
 
 # torch.load(weights_only=True), the default, accepts quantized weights.
 _torch.serialization.add_safe_globals([_rebuild_quantized])
+# save_pretrained / from_pretrained of quantized transformers models (eco.hf), registered lazily.
+_transformers_hook.install()
 
 __all__ = [
     "FP8", "INT4", "QuantFormat", "QuantizedTensor", "quantize_", "quantized_parameters",
-    "AdamW", "SGD", "memory_report", "MemoryReport", "export", "load_compact",
+    "AdamW", "SGD", "memory_report", "MemoryReport", "export", "load_compact", "save_checkpoint",
 ]

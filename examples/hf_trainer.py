@@ -1,36 +1,38 @@
-"""The Hugging Face ``Trainer`` driving ``eco.AdamW``, with a checkpoint saved mid-run and resumed.
+"""The stock Hugging Face ``Trainer`` driving ``eco.AdamW``; a mid-run checkpoint resumed in a fresh process.
 
 The eco optimizer goes in through the Trainer's own mechanism for custom
 optimizers, ``optimizer_cls_and_kwargs``: the Trainer still builds the param
 groups (no weight decay on norms and biases), the LR scheduler
 (``lr_scheduler_type``, ``warmup_steps``), gradient accumulation and clipping.
 
-One thing changes: checkpoints. ``save_pretrained`` cannot write quantized
-weights (safetensors needs real storage), so :class:`EcoTrainer` saves the
-model in eco's compact form (codes + scales, ``eco.export(form="compact")``)
-and loads it back bit-identically on resume. The optimizer, scheduler and RNG
-states are saved by the Trainer as usual (``eco.AdamW.state_dict`` carries the
-stochastic-rounding generator). When training is done, ``eco.export(model, path)``
-writes bf16 weights that plain ``transformers`` loads.
+Nothing else changes, checkpoints included: the model's ``save_pretrained``
+writes each quantized weight as its codes and scales (``import eco`` registers
+a ``transformers`` quantizer for that, see eco/hf.py), the Trainer's resume
+loads them back bit-identically, and ``AutoModelForCausalLM.from_pretrained``
+of a checkpoint folder rebuilds the quantized model. The optimizer, scheduler
+and RNG states are saved by the Trainer as usual (``eco.AdamW.state_dict``
+carries the stochastic-rounding generator). For plain weights that any
+``transformers`` loads, without eco: ``eco.export(model, path)``.
 
     python examples/hf_trainer.py [--model PATH] [--dataset FILE] [--steps 40]
 
-runs the same training twice, once straight through and once stopped at the
-mid-run checkpoint and resumed in a fresh Trainer with a fresh model, and
-checks that both end bit-identical.
+trains straight through, then resumes from the mid-run checkpoint in a fresh
+Python process (this script with ``--resume-from``), and checks that both runs'
+final checkpoints hold the same bits: weights, and every optimizer state.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 import torch
 
 import eco
-from eco.export import COMPACT_FILE
 
 EXPERT_CONTAINERS = {"experts", "shared_expert", "shared_experts"}
 
@@ -39,26 +41,6 @@ def expert_filter(name: str, param: torch.Tensor) -> bool:
     """Expert weight matrices only (the same rule as examples/moe_int4_finetune.py)."""
     parts = name.split(".")
     return any(p in EXPERT_CONTAINERS for p in parts[:-1]) and param.dim() in (2, 3) and "bias" not in parts[-1]
-
-
-def _trainer_class():
-    from transformers import Trainer
-    from transformers.trainer import TRAINING_ARGS_NAME
-
-    class EcoTrainer(Trainer):
-        """A ``Trainer`` whose model checkpoints are eco compact exports (quantized weights kept exactly)."""
-
-        def _save(self, output_dir: str | None = None, state_dict=None) -> None:
-            output_dir = output_dir if output_dir is not None else self.args.output_dir
-            if not self.args.should_save:
-                return
-            eco.export(self.model, output_dir, form="compact")
-            torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
-
-        def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-            eco.load_compact(model if model is not None else self.model, resume_from_checkpoint)
-
-    return EcoTrainer
 
 
 class TokenWindows(torch.utils.data.Dataset):
@@ -95,8 +77,8 @@ def tiny_mixtral(vocab_size: int = 256, hidden: int = 32, seed: int = 0):
 
 def build_trainer(model, dataset, output_dir, *, max_steps: int, save_steps: int, lr: float = 3e-3,
                   rounding: str = "stochastic", batch_size: int = 4, grad_accum: int = 2, seed: int = 0):
-    """Quantize the experts to INT4 and wire eco.AdamW into a Trainer with a cosine schedule."""
-    from transformers import TrainingArguments
+    """Quantize the experts to INT4 and wire eco.AdamW into a stock Trainer with a cosine schedule."""
+    from transformers import Trainer, TrainingArguments
 
     if not eco.quantized_parameters(model):
         eco.quantize_(model, eco.INT4(), filter_fn=expert_filter)
@@ -107,76 +89,94 @@ def build_trainer(model, dataset, output_dir, *, max_steps: int, save_steps: int
         report_to="none", use_cpu=True, seed=seed, data_seed=seed, dataloader_num_workers=0, disable_tqdm=True,
     )
     optimizer = (eco.AdamW, dict(lr=lr, betas=(0.9, 0.98), eps=1e-9, rounding=rounding, seed=seed))
-    return _trainer_class()(model=model, args=args, train_dataset=dataset, optimizer_cls_and_kwargs=optimizer)
+    return Trainer(model=model, args=args, train_dataset=dataset, optimizer_cls_and_kwargs=optimizer)
 
 
-def weights(model) -> dict[str, torch.Tensor]:
-    """Codes, scales and plain weights: what must match after resuming."""
-    out = {}
-    for name, p in model.named_parameters():
-        if isinstance(p, eco.QuantizedTensor):
-            out[name + ".codes"], out[name + ".scales"] = p.codes.clone(), p.scales.clone()
-        else:
-            out[name] = p.detach().clone()
+def checkpoint_tensors(folder) -> dict[str, torch.Tensor]:
+    """What a Trainer checkpoint folder holds as tensors: the model file and every optimizer state."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    out = {f"model/{k}": v for k, v in load_file(str(folder / "model.safetensors")).items()}
+    optimizer = torch.load(folder / "optimizer.pt", weights_only=True)
+    for index, state in optimizer["state"].items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                out[f"optimizer/{index}/{key}"] = value
     return out
 
 
-def straight_and_resumed(make_model, dataset, workdir, *, max_steps: int, save_steps: int, **kwargs):
-    """Train straight through, then resume a fresh model and Trainer from the mid-run checkpoint.
+def differences(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> list[str]:
+    """Names whose tensors differ in any bit (or exist on one side only)."""
+    def same(x, y):
+        bits = lambda t: t.flatten().view(torch.uint8)  # noqa: E731
+        return x.dtype == y.dtype and x.shape == y.shape and torch.equal(bits(x), bits(y))
 
-    Returns (straight-through trainer, resumed trainer, whether the final weights are bit-identical).
-    """
-    workdir = Path(workdir)
-    straight = build_trainer(make_model(), dataset, workdir / "straight", max_steps=max_steps,
-                             save_steps=save_steps, **kwargs)
-    straight.train()
-    checkpoint = workdir / "straight" / f"checkpoint-{save_steps}"
-    if not (checkpoint / COMPACT_FILE).is_file():
-        raise RuntimeError(f"no mid-run checkpoint in {checkpoint}")
-    resumed = build_trainer(make_model(), dataset, workdir / "resumed", max_steps=max_steps,
-                            save_steps=save_steps, **kwargs)
-    resumed.train(resume_from_checkpoint=str(checkpoint))
-    a, b = weights(straight.model), weights(resumed.model)
-    identical = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    return straight, resumed, identical
+    return sorted(a.keys() ^ b.keys()) + [k for k in sorted(a.keys() & b.keys()) if not same(a[k], b[k])]
 
 
-def main(argv=None):
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Hugging Face Trainer + eco.AdamW, INT4 experts, resume")
     parser.add_argument("--model", help="local Hugging Face MoE checkpoint (default: a tiny Mixtral from a config)")
     parser.add_argument("--dataset", help="UTF-8 text file (default: the stdlib's os.py source)")
     parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--save-steps", type=int, help="checkpoint every N steps (default: steps / 2)")
     parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--grad-accum", type=int, default=2)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--rounding", choices=["nearest", "stochastic"], default="stochastic")
     parser.add_argument("--workdir", help="where checkpoints go (default: a temporary folder)")
+    parser.add_argument("--resume-from", help="(internal) resume from this checkpoint into --workdir and exit")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        torch.set_num_threads(1)  # shared CPU cores: extra OpenMP threads spin and slow every op
+    args.save_steps = args.save_steps or max(1, args.steps // 2)
+    return args
 
+
+def trainer_from_args(args, output_dir):
     text = Path(args.dataset or os.__file__).read_text(encoding="utf-8")
     if args.model:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(args.model)
         tokens = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
-        make_model = lambda: AutoModelForCausalLM.from_pretrained(args.model)
+        model = AutoModelForCausalLM.from_pretrained(args.model)
     else:
         tokens = byte_tokens(text)
-        make_model = tiny_mixtral
-    dataset = TokenWindows(tokens, args.seq_len)
+        model = tiny_mixtral(seed=1 if args.resume_from else 0)  # resuming may not depend on the initial weights
+    return build_trainer(model, TokenWindows(tokens, args.seq_len), output_dir, max_steps=args.steps,
+                         save_steps=args.save_steps, lr=args.lr, rounding=args.rounding, batch_size=args.batch_size,
+                         grad_accum=args.grad_accum)
+
+
+def main(argv=None):
+    """Returns (the straight-through trainer, its workdir, the differences between both final checkpoints)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        torch.set_num_threads(1)  # shared CPU cores: extra OpenMP threads spin and slow every op
+    if args.resume_from:
+        trainer_from_args(args, args.workdir).train(resume_from_checkpoint=args.resume_from)
+        return None
 
     with tempfile.TemporaryDirectory() as tmp:
-        straight, resumed, identical = straight_and_resumed(
-            make_model, dataset, args.workdir or tmp, max_steps=args.steps, save_steps=args.steps // 2,
-            lr=args.lr, rounding=args.rounding,
-        )
+        workdir = Path(args.workdir or tmp)
+        straight = trainer_from_args(args, workdir / "straight")
+        straight.train()
+        mid, final = f"checkpoint-{args.save_steps}", f"checkpoint-{args.steps}"
+        # A fresh process: nothing survives but the checkpoint folder.
+        subprocess.run([sys.executable, __file__, *argv, "--workdir", str(workdir / "resumed"),
+                        "--resume-from", str(workdir / "straight" / mid)], check=True)
+        differ = differences(checkpoint_tensors(workdir / "straight" / final),
+                             checkpoint_tensors(workdir / "resumed" / final))
         losses = [entry["loss"] for entry in straight.state.log_history if "loss" in entry]
-        print(f"training loss (logged every {args.steps // 2} steps): {', '.join(f'{x:.4f}' for x in losses)}")
-        print(f"resumed from checkpoint-{args.steps // 2} in a fresh Trainer: final weights bit-identical: {identical}")
+        print(f"training loss (logged every {args.save_steps} steps): {', '.join(f'{x:.4f}' for x in losses)}")
+        print(f"resumed from {mid} in a fresh process: {final} bit-identical (weights and optimizer states): "
+              f"{not differ}" + (f"; differ: {differ[:5]}" if differ else ""))
         print(eco.memory_report(straight.model, straight.optimizer))
-    return identical
+        return straight, workdir, differ
 
 
 if __name__ == "__main__":
-    raise SystemExit(0 if main() else 1)
+    result = main()
+    raise SystemExit(0 if result is None or not result[2] else 1)
