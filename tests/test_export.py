@@ -43,9 +43,10 @@ def trained_quantized_mixtral(fmt, tie_word_embeddings=False, steps=3):
 @pytest.mark.parametrize("fmt", [eco.INT4(), eco.INT4(group_size=16)], ids=str)
 def test_dequantized_export_loads_in_plain_transformers(tmp_path, fmt):
     model = trained_quantized_mixtral(fmt)
-    eco.export(model, tmp_path, form="dequantized")
+    eco.export(model, tmp_path, form="dequantized", dtype=torch.bfloat16)
     assert (tmp_path / "config.json").is_file()
-    assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "bfloat16"
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["dtype"] == "bfloat16" and "quantization_config" not in config
     assert model.config.dtype != torch.bfloat16  # the model's own config is left as it was
 
     plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
@@ -144,3 +145,93 @@ def test_export_of_a_plain_module_and_bad_arguments(tmp_path):
         eco.export(model, tmp_path, form="int4")
     with pytest.raises(ValueError, match="floating"):
         eco.export(model, tmp_path, dtype=torch.int8)
+
+
+def test_dequantized_export_keeps_the_model_dtype_by_default(tmp_path):
+    """An fp32 model exports fp32 weights: nothing is rounded (it used to be bf16, logits moved by up to 0.26)."""
+    model = trained_quantized_mixtral(eco.INT4())
+    assert model.dtype == torch.float32
+    eco.export(model, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["dtype"] == "float32"
+    plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert all(p.dtype == torch.float32 and not isinstance(p, eco.QuantizedTensor) for p in plain.parameters())
+    batch = torch.randint(0, 64, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(plain(batch).logits, model(batch).logits)
+
+
+def test_dequantized_export_of_a_plain_module_keeps_each_dtype(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.Linear(32, 4).to(torch.float64))
+    eco.quantize_(model, eco.INT4(), filter_fn=lambda name, p: name == "0.weight")
+    eco.export(model, tmp_path)
+    state = safetensors.torch.load_file(str(tmp_path / "model.safetensors"))
+    assert state["0.weight"].dtype == torch.float32 and state["1.weight"].dtype == torch.float64
+    assert torch.equal(state["0.weight"], model[0].weight.dequantize())
+
+
+def corrupt(tensors, name, how):
+    codes, scales = tensors[f"{name}.codes"], tensors[f"{name}.scales"]
+    if how == "nan fp8 code":
+        codes.view(torch.uint8).view(-1)[3] = 0x7F
+    elif how == "int4 code -8":
+        codes.view(-1)[3] = 0x08  # low nibble 0: code -8, outside [-7, 7]
+    elif how in ("zero scale", "negative scale", "inf scale", "nan scale"):
+        scales.view(-1)[0] = {"zero scale": 0.0, "negative scale": -1.0, "inf scale": float("inf"),
+                              "nan scale": float("nan")}[how]
+    elif how == "codes shape":
+        tensors[f"{name}.codes"] = codes[..., :-1].contiguous()
+    elif how == "scales shape":
+        tensors[f"{name}.scales"] = torch.cat([scales, scales], dim=-1)
+
+
+@pytest.mark.parametrize("fmt,how", [
+    (eco.FP8(), "nan fp8 code"), (eco.INT4(), "int4 code -8"), (eco.INT4(group_size=16), "zero scale"),
+    (eco.FP8(), "negative scale"), (eco.INT4(), "inf scale"), (eco.FP8(), "nan scale"),
+    (eco.INT4(), "codes shape"), (eco.INT4(group_size=16), "scales shape"),
+], ids=lambda v: str(v))
+def test_compact_load_validates_codes_and_scales_before_changing_anything(tmp_path, fmt, how):
+    model = trained_quantized_mixtral(fmt, steps=1)
+    eco.export(model, tmp_path, form="compact")
+    file = tmp_path / COMPACT_FILE
+    with safetensors.safe_open(str(file), framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    corrupt(tensors, "model.layers.1.mlp.experts.down_proj", how)
+    safetensors.torch.save_file(tensors, str(file), metadata=metadata)
+
+    fresh = tiny_mixtral()
+    before = {name: param.detach().clone() for name, param in fresh.named_parameters()}
+    with pytest.raises(ValueError, match="down_proj"):
+        eco.load_compact(fresh, tmp_path)
+    # Nothing was loaded: every earlier weight (quantized in the file) is still the model's own, unquantized.
+    assert not eco.quantized_parameters(fresh)
+    for name, param in fresh.named_parameters():
+        assert torch.equal(param, before[name]), name
+
+
+def test_compact_load_checks_plain_tensors_before_changing_anything(tmp_path):
+    model = trained_quantized_mixtral(eco.INT4(), steps=1)
+    eco.export(model, tmp_path, form="compact")
+    config = tiny_mixtral().config
+    config.vocab_size = 32  # embeddings and head of another shape; the experts match
+    fresh = transformers.MixtralForCausalLM(config)
+    with pytest.raises(ValueError, match="(embed_tokens|lm_head).weight: the export has shape"):
+        eco.load_compact(fresh, tmp_path)
+    assert not eco.quantized_parameters(fresh)
+
+
+def test_save_checkpoint_replaces_the_file_whole_or_not_at_all(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    eco.save_checkpoint({"step": 1, "w": torch.ones(3)}, path)
+    assert torch.load(path)["step"] == 1
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("cannot pickle")
+
+    with pytest.raises(RuntimeError, match="cannot pickle"):
+        eco.save_checkpoint({"step": 2, "w": torch.zeros(3), "bad": Unpicklable()}, path)
+    assert torch.load(path)["step"] == 1  # the last good checkpoint is intact
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temporary file left behind
+    eco.save_checkpoint({"step": 3}, path)
+    assert torch.load(path)["step"] == 3
