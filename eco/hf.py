@@ -235,8 +235,10 @@ def _fold_codes_and_scales(module, state_dict, prefix, local_metadata, strict, m
         if codes is None and scales is None:
             continue
         if codes is None or scales is None:
-            raise ValueError(f"the state dict has only one of {key}{CODES_SUFFIX} and {key}{SCALES_SUFFIX}; "
-                             "it was not written by eco or is incomplete")
+            raise ValueError(f"the state dict has only one of {key}{CODES_SUFFIX} and {key}{SCALES_SUFFIX}: it "
+                             "is incomplete, or one shard of a sharded checkpoint (save_pretrained shards above "
+                             "max_shard_size, 50GB by default) whose shards split them; from_pretrained reads "
+                             "every shard at once and loads it")
         check_codes_and_scales(key, param.fmt, param.shape, codes, scales)
         folded[key] = QuantizedTensor(codes, scales, param.fmt, param.shape, param.dtype)
     for key, value in folded.items():
