@@ -3,7 +3,7 @@
     python bench/kernel_report.py                      # every specialization x sm_80, sm_90, sm_100
     python bench/kernel_report.py --targets sm_90 --match '^adamw/'   # a slice, printed only
 
-For each kernel specialization of ``eco.kernels.SPECS`` and each target:
+For each kernel specialization of ``eco.kernels.specs.SPECS`` and each target:
 registers, spills, local and shared memory, occupancy, SASS instructions per
 element, HBM bytes per element, and a roofline estimate on an H100 SXM (every
 target is estimated on the H100 model: the SASS differs per target, the
@@ -28,8 +28,9 @@ import time
 from pathlib import Path
 
 import triton
-from eco.kernels import SPECS
-from eco.kernels.aot import (
+
+from eco.kernels.specs import SPECS, format_tag
+from eco_bench.aot import (
     H100_SXM,
     STREAM_ARGS,
     TARGETS,
@@ -38,7 +39,6 @@ from eco.kernels.aot import (
     compile_jobs,
     elements_per_thread,
 )
-from eco.kernels.specs import format_tag
 
 RESULT = Path(__file__).parent / "results" / "kernel_report.json"
 KERNEL_SOURCES = ("eco_step.py", "e4m3.py", "specs.py")

@@ -27,8 +27,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from eco.kernels import SPECS
-from eco.kernels.aot import H100_SXM, build_for_spec, bytes_per_element, compile_jobs, elements_per_thread
+from eco.kernels.specs import SPECS
+from eco_bench.aot import H100_SXM, build_for_spec, bytes_per_element, compile_jobs, elements_per_thread
 
 KERNELS = Path(__file__).resolve().parent.parent / "kernels"
 SPEC_NAMES = (

@@ -5,7 +5,7 @@
 Builds a decoder-like model whose experts are separate ``nn.Linear`` modules
 (HF Mixtral/Qwen-MoE style), quantizes the expert linears (the paper's MoE
 choice), gives every parameter a gradient and runs ``eco.AdamW(backend="triton")``
-steps on CPU tensors with ``eco.kernels.launch`` replaced by a counter: the
+steps on CPU tensors with ``eco.kernels.launcher.launch`` replaced by a counter: the
 kernels themselves do not run, so this counts launches and says nothing about
 time (launch latency and the time saved need a GPU).
 """
@@ -22,10 +22,9 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import eco  # noqa: E402
-from eco import kernels  # noqa: E402
-
-FORMATS = {"fp8-row": eco.FP8(), "fp8-block128": eco.FP8(block_size=128), "int4-tensor": eco.INT4(),
-           "int4-group32": eco.INT4(group_size=32)}
+from eco.formats import format_from_tag  # noqa: E402
+from eco.kernels import launcher  # noqa: E402
+from eco_bench import FORMAT_TAGS  # noqa: E402
 
 
 class Expert(nn.Module):
@@ -62,13 +61,13 @@ def count(layers, hidden, experts, inter, fmt, steps=2) -> tuple[int, int, Count
         p.grad = torch.randn(p.shape, dtype=p.dtype) * 1e-3
     opt = eco.AdamW(params, lr=1e-3, rounding="nearest", state_dtype=torch.bfloat16, backend="triton")
     launched = Counter()
-    real = kernels.launch
-    kernels.launch = lambda spec, grid, **args: launched.update([spec.meta["kernel"]])
+    real = launcher.launch
+    launcher.launch = lambda spec, grid, **args: launched.update([spec.meta["kernel"]])
     try:
         for _ in range(steps):
             opt.step()
     finally:
-        kernels.launch = real
+        launcher.launch = real
     n_quantized = sum(isinstance(p, eco.QuantizedTensor) for p in params)
     return n_quantized, len(params) - n_quantized, Counter({k: v // steps for k, v in launched.items()})
 
@@ -83,8 +82,8 @@ def main(argv=None) -> int:
     print(f"{args.layers} layers, hidden {args.hidden}, {args.experts} experts per layer of 3 nn.Linear "
           f"({args.inter} x {args.hidden} and back; {args.inter * args.hidden} elements each), experts quantized")
     print(f"{'format':14} {'quantized':>9} {'plain':>6}  launches per step (by kernel)")
-    for name, fmt in FORMATS.items():
-        n_q, n_p, launched = count(args.layers, args.hidden, args.experts, args.inter, fmt)
+    for name in FORMAT_TAGS:
+        n_q, n_p, launched = count(args.layers, args.hidden, args.experts, args.inter, format_from_tag(name))
         print(f"{name:14} {n_q:9d} {n_p:6d}  {sum(launched.values()):5d}  "
               + ", ".join(f"{k} {v}" for k, v in sorted(launched.items())))
     return 0

@@ -47,6 +47,9 @@ import torch
 
 import eco
 from eco import compiled, kernels
+from eco.formats import STATE_DTYPES, format_from_tag
+from eco.kernels.specs import TRITON_DTYPES
+from eco_bench import FORMAT_TAGS
 
 CONFIGS = {  # hidden, intermediate, layers, vocab, heads, kv heads
     "cpu-small": dict(hidden=512, intermediate=1408, layers=2, vocab=8192, heads=8, kv_heads=4),
@@ -54,9 +57,7 @@ CONFIGS = {  # hidden, intermediate, layers, vocab, heads, kv heads
     # many small tensors: each layer's MLP is 32 experts (gate/up/down of 128 x 256) and a plain router
     "moe-small": dict(hidden=256, intermediate=128, layers=4, vocab=8192, heads=4, kv_heads=2, experts=32),
 }
-FORMATS = {"fp8-row": eco.FP8(), "fp8-block128": eco.FP8(block_size=128), "int4-tensor": eco.INT4(),
-           "int4-group32": eco.INT4(group_size=32)}
-STATES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+STATES = {TRITON_DTYPES[dtype]: dtype for dtype in STATE_DTYPES}  # "bf16", "fp32"
 BACKEND_OF_PATH = {"kernel": "triton", "compiled": "compiled", "reference": "reference"}
 
 
@@ -101,7 +102,7 @@ class Arm:
 
 
 def eco_arm(shapes, fmt_name, state_name, path, device, gen) -> Arm:
-    fmt, state_dtype = FORMATS[fmt_name], STATES[state_name]
+    fmt, state_dtype = format_from_tag(fmt_name), STATES[state_name]
     params, total_bytes = [], 0
     for _, shape, quantized in shapes:
         w = (torch.randn(shape, generator=gen) * 0.02).to(device=device, dtype=torch.bfloat16)
@@ -166,7 +167,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--config", default=None, help=f"one of {list(CONFIGS)} (default: by device)")
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--formats", default=",".join(FORMATS))
+    parser.add_argument("--formats", default=",".join(FORMAT_TAGS))
     parser.add_argument("--states", default=",".join(STATES))
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads for torch (default 1: on a shared machine, a descheduled worker thread "

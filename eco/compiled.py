@@ -16,10 +16,9 @@ would be a separate pass over memory with its own generator). The eager referenc
 unbiased) draws; under round-to-nearest nothing random is used.
 
 Cost: the first step of each combination of format, rounding, options, dtypes
-and shape compiles (a few seconds each on a small CPU; inductor keeps the result
-in its on-disk cache for later processes). Shapes are compiled static: with
-symbolic shapes inductor turns the block/group reductions into slow scalar
-loops (6-9x slower than static shapes for a 1408 x 512 block-128 or group-32 step). So this path is opt-in,
+and shape compiles (inductor keeps the result in its on-disk cache for later
+processes). Shapes are compiled static: with symbolic shapes inductor turns the
+block/group reductions into slow scalar loops. So this path is opt-in,
 ``backend="compiled"``; ``backend="auto"`` keeps the eager reference on CPU.
 Without a C++ compiler on PATH, ``backend="compiled"`` is refused with an
 error that says so; where compiling fails anyway (an unsupported platform, too
@@ -70,7 +69,7 @@ def counter_uniform(seed: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     ``seed`` is a 0-d int64 tensor in [0, 2**62) (a tensor, so a new seed each step
     is an input, not a recompile). Counter-based: the value of element ``i`` depends on ``i``
     and the seed only, in eager and compiled code alike. Indices wrap at 2**32. The hash runs
-    on int32: inductor vectorizes int32 arithmetic, where int64 took 3x as long on CPU.
+    on int32: inductor vectorizes int32 arithmetic, not int64.
     """
     index = _element_index(y.numel(), y.device).reshape(y.shape)
     # The seed picks a stride (odd, < 2**30) and an offset (its low 32 bits), so two seeds
@@ -111,8 +110,8 @@ def supports(param: torch.Tensor) -> bool:
 
 #: Inductor cuts a fused expression into a stored intermediate once it exceeds this many ops
 #: (50 by default on CPU). 50 cuts our stochastic-rounding chain at the up/down decision,
-#: a bool tensor that inductor stores one byte at a time (16 ns/element for an FP8 block-128
-#: step, 2.6 at 100; INT4 group-32 20 and 3.9; FP8 row and INT4 tensor unchanged).
+#: a bool tensor that inductor stores one byte at a time, which made block/group SR steps
+#: several times slower (figures: docs/notes-from-code.md).
 _INDUCTOR_OPTIONS = {"realize_cpu_opcount_threshold": 100}
 
 
@@ -125,6 +124,11 @@ def _seed_tensor(seed: int | None) -> torch.Tensor:
     if seed is None:  # as the reference: follow torch's global generator
         seed = int(torch.randint(0, 2**62, ()).item())
     return torch.tensor(seed, dtype=torch.int64)
+
+
+#: quantize/dequantize outside a step (a model's forward, ``quantize_``) run the eager reference
+quantize = reference.quantize
+dequantize = reference.dequantize
 
 
 @functools.cache

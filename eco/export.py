@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 
 from .formats import format_from_config
+from .memory import storage_key
 from .qparam import QuantizedTensor
 
 COMPACT_FILE = "eco_compact.safetensors"
@@ -99,7 +100,7 @@ def _untie(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     seen: set = set()
     out = {}
     for name, tensor in state.items():
-        key = (tensor.device, tensor.untyped_storage().data_ptr())
+        key = storage_key(tensor)
         out[name] = tensor.clone() if key in seen else tensor.contiguous()
         seen.add(key)
     return out
@@ -114,7 +115,7 @@ def _export_compact(model: nn.Module, folder: Path) -> None:
     first_name: dict = {}
     for name, tensor in model.state_dict().items():
         inner = tensor.codes if isinstance(tensor, QuantizedTensor) else tensor
-        key = (inner.device, inner.untyped_storage().data_ptr(), inner.storage_offset(), tuple(inner.shape))
+        key = (*storage_key(inner), inner.storage_offset(), tuple(inner.shape))  # the same view, not just memory
         if key in first_name:
             aliases[name] = first_name[key]
             continue

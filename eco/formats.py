@@ -8,10 +8,12 @@ consecutive elements:
 format                 group                  scale tensor shape
 =====================  =====================  ===========================
 ``FP8()``              one row (last dim)     ``[*shape[:-1], 1]``
-``FP8(block_size=B)``  B elements of a row    ``[*shape[:-1], C // B]``
+``FP8(group_size=G)``  G elements of a row    ``[*shape[:-1], C // G]``
 ``INT4()``             one matrix (last two)  ``[*shape[:-2], 1, 1]``
 ``INT4(group_size=G)`` G elements of a row    ``[*shape[:-1], C // G]``
 =====================  =====================  ===========================
+
+``FP8(block_size=B)`` is accepted as another spelling of ``FP8(group_size=B)``.
 
 Scales are fp32 and stay local to rows, groups or (for tensor-wise INT4) to
 one matrix of a stacked 3-D expert tensor, so a shard along dim 0 owns its
@@ -37,7 +39,7 @@ expectation of the stored value equals the input).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import InitVar, dataclass
 
 import torch
 
@@ -46,6 +48,8 @@ import torch
 UniformSource = Callable[[torch.Tensor], torch.Tensor]
 
 ROUNDINGS = ("nearest", "stochastic")
+#: dtypes the optimizer stores its moments (and the kernels read and write them) in
+STATE_DTYPES = (torch.float32, torch.bfloat16)
 ZERO_GROUP_ABSMAX = 2.0**-100
 FP8_MAX = 448.0
 # E4M3: 3 mantissa bits; the smallest normal exponent is -6, so below 2**-6
@@ -62,16 +66,15 @@ def check_rounding(rounding: str) -> str:
 
 @dataclass(frozen=True)
 class QuantFormat:
-    """Fields shared by every format; subclasses fix ``rho`` and the code layout."""
+    """Fields shared by every format; subclasses fix ``rho`` and the code layout.
 
+    ``group_size``: elements of a row per scale, or None for one scale per row
+    (FP8) or per matrix (INT4).
+    """
+
+    group_size: int | None = None
     name = "base"
     rho = 0.0
-    bits = 0
-
-    @property
-    def row_group(self) -> int | None:
-        """Elements per scale within a row, or None for one scale per row/matrix."""
-        raise NotImplementedError
 
     @property
     def tensorwise(self) -> bool:
@@ -87,7 +90,7 @@ class QuantFormat:
                 "leave 1-D tensors (biases, norms) unquantized"
             )
         cols = shape[-1]
-        gs = self.row_group
+        gs = self.group_size
         if gs is not None and cols % gs != 0:
             raise ValueError(
                 f"{self}: the last dimension ({cols}) of a weight of shape {tuple(shape)} is not a "
@@ -98,14 +101,14 @@ class QuantFormat:
     def scale_shape(self, shape) -> tuple[int, ...]:
         if self.tensorwise:
             return (*shape[:-2], 1, 1)
-        gs = self.row_group
+        gs = self.group_size
         return (*shape[:-1], 1 if gs is None else shape[-1] // gs)
 
     def grouped(self, x: torch.Tensor) -> torch.Tensor:
         """View ``x`` as ``[n_groups, group_elems]`` in the order of the flattened scales."""
         if self.tensorwise:
             return x.reshape(-1, x.shape[-2] * x.shape[-1])
-        return x.reshape(-1, self.row_group or x.shape[-1])
+        return x.reshape(-1, self.group_size or x.shape[-1])
 
     def code_shape(self, shape) -> tuple[int, ...]:
         return tuple(shape)
@@ -165,7 +168,7 @@ class QuantFormat:
 
     def config(self) -> dict:
         """A plain dict that rebuilds this format with :func:`format_from_config`."""
-        return {"name": self.name, "group_size": self.row_group}
+        return {"name": self.name, "group_size": self.group_size}
 
 
 def _uniform_like(y: torch.Tensor, generator: torch.Generator | None, uniform: UniformSource | None) -> torch.Tensor:
@@ -176,23 +179,26 @@ def _uniform_like(y: torch.Tensor, generator: torch.Generator | None, uniform: U
 
 @dataclass(frozen=True)
 class FP8(QuantFormat):
-    """FP8 E4M3 codes; one fp32 scale per row, or per ``block_size`` elements of a row."""
+    """FP8 E4M3 codes; one fp32 scale per row, or per ``group_size`` elements of a row.
 
-    block_size: int | None = None
+    ``block_size`` is another name for ``group_size`` (the FP8 literature says block).
+    """
+
+    block_size: InitVar[int | None] = None
     name = "fp8"
     rho = FP8_MAX
-    bits = 8
 
-    def __post_init__(self):
-        if self.block_size is not None and (not isinstance(self.block_size, int) or self.block_size <= 0):
-            raise ValueError(f"FP8 block_size must be a positive int or None, got {self.block_size!r}")
-
-    @property
-    def row_group(self) -> int | None:
-        return self.block_size
+    def __post_init__(self, block_size):
+        if block_size is not None:
+            if self.group_size is not None and self.group_size != block_size:
+                raise ValueError(f"FP8 got group_size={self.group_size} and block_size={block_size}; pass one")
+            object.__setattr__(self, "group_size", block_size)
+        gs = self.group_size
+        if gs is not None and (not isinstance(gs, int) or gs <= 0):
+            raise ValueError(f"FP8 group_size must be a positive int or None, got {gs!r}")
 
     def __str__(self):
-        return "FP8(row)" if self.block_size is None else f"FP8(block_size={self.block_size})"
+        return "FP8(row)" if self.group_size is None else f"FP8(group_size={self.group_size})"
 
     def round_nearest(self, y):
         return y.to(torch.float8_e4m3fn).float()
@@ -200,7 +206,7 @@ class FP8(QuantFormat):
     def round_stochastic(self, y, generator, *, uniform=None):
         # The E4M3 grid spacing at |y|: 2**(e - 3) for |y| in [2**e, 2**(e+1)),
         # e >= -6; uniform 2**-9 below 2**-6. All of these are exact in fp32.
-        # e and 2**(e - 3) are read and built on the fp32 bits (frexp/ldexp cost a quarter of a CPU step).
+        # e and 2**(e - 3) are read and built on the fp32 bits (frexp/ldexp are slow on CPU).
         mag = y.abs()
         binade = ((mag.view(torch.int32) >> 23) - 127).clamp_(min=FP8_MIN_NORMAL_EXP)
         ulp = ((binade + (127 - FP8_MANTISSA_BITS)) << 23).view(torch.float32)
@@ -221,19 +227,13 @@ class FP8(QuantFormat):
 class INT4(QuantFormat):
     """Symmetric INT4 codes in [-7, 7], two per byte; one scale per matrix or per group."""
 
-    group_size: int | None = None
     name = "int4"
     rho = 7.0
-    bits = 4
 
     def __post_init__(self):
         gs = self.group_size
         if gs is not None and (not isinstance(gs, int) or gs <= 0 or gs % 2):
             raise ValueError(f"INT4 group_size must be a positive even int or None, got {gs!r}")
-
-    @property
-    def row_group(self) -> int | None:
-        return self.group_size
 
     @property
     def tensorwise(self) -> bool:
@@ -257,7 +257,7 @@ class INT4(QuantFormat):
         values = grid.to(torch.int8)
         if torch.compiler.is_compiling() and hasattr(torch.ops.prims, "inductor_force_stride_order"):
             # Store the int8 values before packing: else inductor fuses the whole update into the
-            # packing loop, whose stride-2 reads it does not vectorize (4-5x slower on CPU).
+            # packing loop, whose stride-2 reads it does not vectorize.
             values = torch.ops.prims.inductor_force_stride_order(values, values.stride())
         return pack_int4(values)
 
@@ -275,7 +275,7 @@ def pack_int4(values: torch.Tensor) -> torch.Tensor:
 
 def unpack_int4(packed: torch.Tensor, cols: int) -> torch.Tensor:
     """Inverse of :func:`pack_int4`; returns int8 with last dim ``cols``."""
-    wide = packed.to(torch.int32)  # inductor runs uint8 arithmetic in part-filled vectors: 25% of an INT4 step
+    wide = packed.to(torch.int32)  # inductor runs uint8 arithmetic in part-filled vectors
     low = ((wide & 0xF) - 8).to(torch.int8)
     high = ((wide >> 4) - 8).to(torch.int8)
     both = torch.stack((low, high), dim=-1).reshape(*packed.shape[:-1], packed.shape[-1] * 2)
@@ -285,10 +285,33 @@ def unpack_int4(packed: torch.Tensor, cols: int) -> torch.Tensor:
 def format_from_config(config: dict) -> QuantFormat:
     name = config.get("name")
     if name == "fp8":
-        return FP8(block_size=config.get("group_size"))
+        return FP8(group_size=config.get("group_size"))
     if name == "int4":
         return INT4(group_size=config.get("group_size"))
     raise ValueError(f"unknown quantization format config {config!r}")
 
 
-__all__ = ["FP8", "INT4", "QuantFormat", "format_from_config", "pack_int4", "unpack_int4", "ROUNDINGS"]
+# Short names for formats (benchmark options, result files, kernel names): fp8-row, fp8-block<G>, int4-tensor,
+# int4-group<G>.
+_TAG_WORDS = {"fp8": ("row", "block"), "int4": ("tensor", "group")}
+
+
+def format_tag(fmt: QuantFormat) -> str:
+    """The short name of ``fmt``: ``"fp8-row"``, ``"fp8-block128"``, ``"int4-tensor"``, ``"int4-group32"``."""
+    whole, grouped = _TAG_WORDS[fmt.name]
+    return f"{fmt.name}-{whole}" if fmt.group_size is None else f"{fmt.name}-{grouped}{fmt.group_size}"
+
+
+def format_from_tag(tag: str) -> QuantFormat:
+    """The format a short name (:func:`format_tag`) stands for."""
+    name, _, rest = tag.partition("-")
+    whole, grouped = _TAG_WORDS.get(name, (None, None))
+    if whole is not None and rest == whole:
+        return format_from_config({"name": name, "group_size": None})
+    if whole is not None and rest.startswith(grouped) and rest[len(grouped):].isdigit():
+        return format_from_config({"name": name, "group_size": int(rest[len(grouped):])})
+    raise ValueError(f"unknown format name {tag!r}; use fp8-row, fp8-block<G>, int4-tensor or int4-group<G>")
+
+
+__all__ = ["FP8", "INT4", "QuantFormat", "format_from_config", "format_tag", "format_from_tag", "pack_int4",
+           "unpack_int4", "ROUNDINGS", "STATE_DTYPES"]

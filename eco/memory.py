@@ -63,7 +63,8 @@ class MemoryReport:
         return "\n".join(lines)
 
 
-def _storage_key(t: torch.Tensor):
+def storage_key(t: torch.Tensor) -> tuple:
+    """Equal for tensors that share memory (views of one storage)."""
     return (t.device, t.untyped_storage().data_ptr())
 
 
@@ -73,7 +74,7 @@ def memory_report(model: nn.Module, optimizer: torch.optim.Optimizer | None = No
     report = MemoryReport(num_params=0)
 
     def add(kind: str, t: torch.Tensor) -> None:
-        key = _storage_key(t)
+        key = storage_key(t)
         if key in seen:
             return
         seen.add(key)

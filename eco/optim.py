@@ -5,15 +5,13 @@ update: the step is applied to the dequantized weight, the result is
 re-quantized, and the rounding error is injected into the momentum. Ordinary
 parameters in the same optimizer get the plain AdamW/SGD update.
 
-Parameters sharing a param group and step count (quantized ones also their
-format and dtypes) are stepped by one call into a backend with the signatures
-of ``eco.reference`` (``adamw_steps_``, ``plain_adamw_steps_``, ...; the
-kernels launch many small tensors at once): the Triton kernels
-(``eco.kernels``) for CUDA tensors when Triton is importable, the plain-torch
-reference otherwise.
-``backend="reference"`` or the environment variable ``ECO_BACKEND=reference``
-forces the reference path; ``backend="compiled"`` runs CPU tensors through the
-reference compiled by ``torch.compile`` into one fused loop (``eco.compiled``).
+Parameters sharing a backend, param group and step count (quantized ones
+also their format) are stepped by one call into that backend
+(:class:`eco.backends.Backend`: ``adamw_steps_``, ``plain_adamw_steps_``, ...),
+which groups them further as it likes. :func:`eco.backends.select` picks the
+backend from ``backend=`` (``"auto"``: the Triton kernels for CUDA tensors,
+the plain-torch reference otherwise; ``"reference"``, ``"compiled"``,
+``"triton"``) and the ``ECO_BACKEND`` environment variable, which overrides it.
 
 Three switches give every arm of the paper's Table 1 through one code path:
 ``error_feedback=False`` is naive master-weight removal; ``master_weights=True``
@@ -28,43 +26,16 @@ scales, moments, step counts), warns, and is counted in
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Callable, Iterable
 
 import torch
 
-from . import compiled, reference
-from .formats import check_rounding
+from . import backends, reference
+from .formats import STATE_DTYPES, check_rounding
 from .qparam import QuantizedTensor
 
-BACKENDS = ("auto", "reference", "compiled", "triton")
 NONFINITE_POLICIES = ("skip", "raise")
-STATE_DTYPES = (torch.float32, torch.bfloat16)
-
-
-def _select_backend(choice: str, param: torch.Tensor):
-    choice = os.environ.get("ECO_BACKEND", choice)
-    if choice == "reference":
-        return reference
-    if choice == "compiled":
-        if not compiled.supports(param):
-            raise RuntimeError(
-                f"backend='compiled' runs CPU tensors through torch.compile; got a {param.device} tensor "
-                f"({compiled.unavailable_reason() or 'not a CPU tensor'}). Use backend='auto'."
-            )
-        return compiled
-    from . import kernels
-
-    # backend="triton" also runs CPU tensors under TRITON_INTERPRET=1 (how the tests prove the kernels)
-    if kernels.supports(param, interpreted=choice == "triton"):
-        return kernels
-    if choice == "triton":
-        raise RuntimeError(
-            f"backend='triton' needs a CUDA tensor and an importable triton; got a {param.device} tensor "
-            f"({kernels.unavailable_reason()}). Use backend='auto' to fall back to the reference path."
-        )
-    return reference
 
 
 def _injects(group: dict) -> bool:
@@ -76,9 +47,8 @@ def _all_finite(grads: list[torch.Tensor]) -> bool:
     """True when no gradient holds NaN or inf: one host sync for all of them.
 
     On CPU each gradient's ``aminmax`` (NaN propagates into both, an inf into one):
-    torch's CPU ``_foreach_norm(inf)`` reduces bf16 in a scalar loop, 38 ms for the
-    14M values of bench/step_speed.py, more than a whole torch AdamW step, where
-    ``aminmax`` takes 1.4 ms. Elsewhere one fused ``_foreach_norm(inf)`` per device/dtype.
+    torch's CPU ``_foreach_norm(inf)`` reduces bf16 in a scalar loop, slower than a
+    whole torch AdamW step. Elsewhere one fused ``_foreach_norm(inf)`` per device/dtype.
     """
     if not grads:
         return True
@@ -102,8 +72,7 @@ class _ECOOptimizer(torch.optim.Optimizer):
             raise ValueError(f"state_dtype must be one of {STATE_DTYPES}, got {state_dtype}")
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        backends.resolve(backend)  # a bad backend= or ECO_BACKEND fails here, not at the first step
         check_rounding(defaults["rounding"])
         self.state_dtype = state_dtype
         self.nonfinite = nonfinite
@@ -185,16 +154,16 @@ class _ECOOptimizer(torch.optim.Optimizer):
                 f"{self.skipped_steps} skipped so far)", RuntimeWarning, stacklevel=2,
             )
             return loss
-        plain_batches: dict = {}  # plain params sharing backend, group and step: one call (few kernel launches)
-        quantized_batches: dict = {}  # the same, per format and dtypes; seeds drawn here, in parameter order
+        # One backend call per (backend, group, step count[, format]); the backend groups by dtypes itself.
+        plain_batches: dict = {}
+        quantized_batches: dict = {}  # seeds drawn here, in parameter order
         for group, p in work:
             state = self._state_for(p, group)
             state["step"] += 1
-            backend = _select_backend(self.backend, p)
+            backend = backends.select(self.backend, p)
             if isinstance(p, QuantizedTensor):
                 seed = self._next_seed() if group["rounding"] == "stochastic" else None
-                key = (backend.__name__, id(group), state["step"], p.fmt, p.grad.dtype,
-                       state[self.moment_names[0]].dtype, "master" in state)
+                key = (backend.__name__, id(group), state["step"], p.fmt)
                 quantized_batches.setdefault(key, (backend, group, state["step"], []))[3].append((p, state, seed))
             else:
                 key = (backend.__name__, id(group), state["step"])
@@ -212,7 +181,7 @@ class _ECOOptimizer(torch.optim.Optimizer):
         )
 
     def _step_quantized(self, backend, params, states, seeds, group, step):  # pragma: no cover - abstract
-        """ECO update of quantized ``params`` (same group, step count, format and dtypes) in one backend call."""
+        """ECO update of quantized ``params`` (same group, step count and format) in one backend call."""
         raise NotImplementedError
 
     def _step_plain(self, backend, params, states, group, step):  # pragma: no cover - abstract

@@ -15,12 +15,14 @@ knows nothing about optimizers.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_map
 
+from . import backends
 from .formats import QuantFormat, format_from_config
 
 aten = torch.ops.aten
@@ -52,16 +54,12 @@ class QuantizedTensor(torch.Tensor):
             raise TypeError(f"only floating tensors can be quantized, got {x.dtype}")
         if not torch.isfinite(x).all():
             raise ValueError("cannot quantize a tensor with NaN or inf values")
-        from . import kernels  # the quantize kernel on CUDA, fmt.quantize elsewhere
-
-        codes, scales = kernels.format_quantize(fmt, x.detach(), rounding, generator)
+        codes, scales = backends.quantize(x.detach(), fmt, rounding, generator)
         return cls(codes, scales, fmt, x.shape, x.dtype)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The represented values as an ordinary tensor (logical dtype by default)."""
-        from . import kernels  # the dequantize kernel on CUDA, fmt.dequantize elsewhere
-
-        return kernels.format_dequantize(self.fmt, self.codes, self.scales, self.shape, dtype or self.dtype)
+        return backends.dequantize(self.codes, self.scales, self.fmt, self.shape, dtype or self.dtype)
 
     def _with(self, codes, scales, shape=None, dtype=None) -> QuantizedTensor:
         return QuantizedTensor(codes, scales, self.fmt, self.shape if shape is None else shape, dtype or self.dtype)
@@ -151,7 +149,7 @@ def _store_(dst: QuantizedTensor, values: torch.Tensor) -> None:
     """Quantize ``values`` (round to nearest) into ``dst``'s codes and scales."""
     if not torch.isfinite(values).all():
         raise ValueError("cannot store NaN or inf into a quantized weight; its codes were left unchanged")
-    codes, scales = dst.fmt.quantize(values.to(dst.device).float())
+    codes, scales = backends.quantize(values.to(dst.device).float(), dst.fmt)
     dst.codes.copy_(codes)
     dst.scales.copy_(scales)
 
@@ -216,20 +214,32 @@ def default_filter(name: str, param: torch.Tensor, module: nn.Module) -> bool:
     return param.dim() == 3 and not isinstance(module, (nn.Embedding, nn.Conv1d, nn.Conv2d))
 
 
+def _with_module_argument(filter_fn: Callable[..., bool]) -> Callable[[str, torch.Tensor, nn.Module], bool]:
+    """``filter_fn`` as a ``(name, param, module)`` callable; a 2-argument ``(name, param)`` one ignores the module."""
+    try:
+        inspect.signature(filter_fn).bind("name", None, None)
+    except (TypeError, ValueError):  # takes two arguments (or has no signature to read: assume the two)
+        return lambda name, param, module: filter_fn(name, param)
+    return filter_fn
+
+
 @torch.no_grad()
 def quantize_(
     model: nn.Module, fmt: QuantFormat,
-    filter_fn: Callable[[str, torch.Tensor], bool] | None = None,
+    filter_fn: Callable[..., bool] | None = None,
 ) -> nn.Module:
     """Replace selected weights of ``model`` in place by :class:`QuantizedTensor` parameters.
 
-    ``filter_fn(name, param) -> bool`` overrides :func:`default_filter`. The
+    ``filter_fn(name, param, module) -> bool`` (the arguments of
+    :func:`default_filter`, which it replaces; it may call it) selects the
+    weights; a ``filter_fn(name, param)`` of two arguments works too. The
     full-precision originals are released. Tied weights (one tensor reached
     under several names) are left alone unless every name selects them.
     Returns ``model``.
     """
     if not isinstance(fmt, QuantFormat):
         raise TypeError(f"fmt must be an eco format such as eco.FP8() or eco.INT4(), got {fmt!r}")
+    selects = default_filter if filter_fn is None else _with_module_argument(filter_fn)
     owners: dict[int, list] = {}
     for module_name, module in model.named_modules(remove_duplicate=False):
         for leaf, param in module.named_parameters(recurse=False):
@@ -240,10 +250,7 @@ def quantize_(
         param = getattr(module, leaf)
         if isinstance(param, QuantizedTensor) or not param.is_floating_point():
             continue
-        if filter_fn is not None:
-            chosen = [filter_fn(n, param) for _, _, n in places]
-        else:
-            chosen = [default_filter(n, param, m) for m, _, n in places]
+        chosen = [selects(n, param, m) for m, _, n in places]
         if not all(chosen):
             continue
         fmt.check_shape(param.shape)

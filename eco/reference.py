@@ -10,7 +10,7 @@ Arithmetic is fp32 with every host scalar rounded to fp32 once (the
 with no fused multiply-add: a kernel that wants bit-identical codes must
 evaluate the same expressions in the same order.
 
-ECO-AdamW for a quantized weight ``w`` (eco-method.md, Algorithm 3)::
+ECO-AdamW for a quantized weight ``w`` (docs/method.md, Algorithm 3)::
 
     m~  = b1 * m + (1 - b1) * g
     v'  = b2 * v + (1 - b2) * (g * g)
@@ -176,7 +176,7 @@ def sgd_step_(
     master: torch.Tensor | None, *, fmt: QuantFormat, shape: torch.Size, scalars: SGDScalars,
     rounding: str, seed: int | None, update_weight: bool = True,
 ) -> None:
-    """One ECO-SGDM step for one quantized weight, in place (eco-method.md eqs. 2-6).
+    """One ECO-SGDM step for one quantized weight, in place (docs/method.md, eqs. 2-6).
 
     ``m~ = beta*m + (1-beta)*(g + wd*w)``, ``w~ = w - lr*m~``, ``w' = q(w~)``,
     ``m' = m~ + alpha*(w~ - deq(w'))`` with ``alpha = (1/lr)(1 - 1/beta)``.
@@ -266,3 +266,15 @@ def sgd_steps_(codes, scales, grads, momentum_bufs, masters, *, fmt: QuantFormat
     for c, s, g, m, w, shape, seed in zip(codes, scales, grads, momentum_bufs, masters, shapes, seeds, strict=True):
         sgd_step_(c, s, g, m, w, fmt=fmt, shape=shape, scalars=scalars, rounding=rounding, seed=seed,
                   update_weight=update_weight)
+
+
+def quantize(x: torch.Tensor, fmt: QuantFormat, rounding: str = "nearest",
+             seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:meth:`QuantFormat.quantize` with the backends' signature (stochastic uniforms from :func:`torch_uniform`)."""
+    return fmt.quantize(x, rounding, uniform=torch_uniform(seed))
+
+
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, fmt: QuantFormat, shape,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """:meth:`QuantFormat.dequantize` with the backends' signature."""
+    return fmt.dequantize(codes, scales, shape, dtype)

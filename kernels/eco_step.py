@@ -1,4 +1,4 @@
-"""The Triton kernels of the ECO step (see ``eco.kernels`` for the byte counts and dispatch).
+"""The Triton kernels of the ECO step (launched by ``eco.kernels.steps``; bytes moved: ``eco.kernels.traffic``).
 
 Every expression mirrors ``eco/reference.py`` in the same order, in fp32, with
 host scalars passed as fp32, IEEE division (``div_rn``) and square root
@@ -14,8 +14,8 @@ interpreter use the bit codec of ``e4m3``.
 
 Tiles: a program owns ``BLOCK`` logical elements of one row (grid = rows x
 column tiles), viewed as ``[BLOCK // GW, GW]`` so that a block/group format
-(``GROUP > 0``, ``GW = GROUP``) reduces its absmax along axis 1 in registers.
-Row-wise FP8 and tensor-wise INT4 (``GROUP == 0``) take two launches of the
+(``GROUP_SIZE > 0``, ``GW = GROUP_SIZE``) reduces its absmax along axis 1 in
+registers. Row-wise FP8 and tensor-wise INT4 (``GROUP_SIZE == 0``) take two launches of the
 same kernel: ``PASS == 0`` computes ``w~`` and atomically maxes ``|w~|`` (as
 int32 bits of a non-negative float, which order like the floats) into a
 workspace, and saves the old scale; ``PASS == 1`` recomputes the identical
@@ -34,13 +34,31 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from eco import formats
+
 from . import e4m3
 
-ZERO_GROUP_ABSMAX = tl.constexpr(2.0**-100)  # eco.formats.ZERO_GROUP_ABSMAX; constexpr: jit code reads it
+# Globals a @triton.jit function reads must be tl.constexpr.
+ZERO_GROUP_ABSMAX = tl.constexpr(formats.ZERO_GROUP_ABSMAX)
+FP8_RHO = tl.constexpr(formats.FP8.rho)
+INT4_RHO = tl.constexpr(formats.INT4.rho)
 
-OPT_ADAMW = 0
-OPT_SGD = 1
-OPT_QUANTIZE = 2  # no optimizer: w~ is the input tensor (quantize kernels)
+# The OPT constexpr: which update a kernel applies.
+OPT_ADAMW = tl.constexpr(0)
+OPT_SGD = tl.constexpr(1)
+OPT_QUANTIZE = tl.constexpr(2)  # no optimizer: w~ is the input tensor (quantize kernels)
+
+# Word offsets in the int64 launch tables of the multi-tensor kernels (built by ``eco.kernels.launcher``):
+# one record per program, then one per tensor, each tensor's stream offsets in elements of that stream.
+STEP_PROGRAM_TENSOR, STEP_PROGRAM_ROW, STEP_PROGRAM_TILE = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+MULTI_PROGRAM_WORDS = tl.constexpr(3)
+(STEP_N_COLS, STEP_CODE_COLS, STEP_ROWS_PER_SCALE, STEP_N_SCALE_GROUPS, STEP_SEED, STEP_CODES, STEP_SCALES,
+ STEP_WORKSPACE, STEP_GRAD, STEP_EXP_AVG, STEP_EXP_AVG_SQ, STEP_MASTER) = (tl.constexpr(i) for i in range(12))
+MULTI_TENSOR_WORDS = tl.constexpr(12)
+PLAIN_PROGRAM_TENSOR, PLAIN_PROGRAM_START = tl.constexpr(0), tl.constexpr(1)
+PLAIN_PROGRAM_WORDS = tl.constexpr(2)
+PLAIN_NUMEL, PLAIN_PARAM, PLAIN_GRAD, PLAIN_EXP_AVG, PLAIN_EXP_AVG_SQ = (tl.constexpr(i) for i in range(5))
+PLAIN_TENSOR_WORDS = tl.constexpr(5)
 # Philox4x32 rounds for stochastic rounding (Triton's default is 10); 7 rounds pass
 # TestU01's BigCrush (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC 2011).
 PHILOX_ROUNDS = tl.constexpr(7)
@@ -88,17 +106,18 @@ def w_tilde_of(offsets, mask, base, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, src_p
                k0, k1, k2, k3, k4, k5, k6, k7, OPT: tl.constexpr):
     """``m~, v', d, w~`` of the elements at ``offsets`` (``base`` is deq(w) or the master).
 
-    AdamW: ``k0..k7 = beta1, 1-beta1, beta2, 1-beta2, inv_bc2, eps, decay, step_size``.
-    SGD: ``k0..k3 = beta, 1-beta, weight_decay, lr``. Quantize: ``w~`` is ``src``.
+    ``k0..k7``: the host scalars in the slots of ``eco.kernels.launcher.SCALAR_SLOTS``. AdamW: ``beta1, 1-beta1,
+    beta2, 1-beta2, inv_bc2, eps, decay, step_size``; SGD: ``beta, 1-beta, weight_decay, lr``. Quantize: ``w~``
+    is ``src``.
     Masked-off lanes give ``w~ = 0`` so that they never raise an absmax.
     """
     zero = tl.zeros_like(base)
-    if OPT == 2:
+    if OPT == OPT_QUANTIZE:
         w_tilde = tl.load(src_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         return zero, zero, zero, w_tilde
     g = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     m = tl.load(exp_avg_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    if OPT == 0:
+    if OPT == OPT_ADAMW:
         v = tl.load(exp_avg_sq_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         m_tilde, v_new, d = adamw_moments(g, m, v, k0, k1, k2, k3, k4, k5)
         w_tilde = base * k6 - k7 * tl.math.div_rn(m_tilde, d)
@@ -144,15 +163,15 @@ def quantize_values(w_tilde, inv_scale, random_bits, IS_INT4: tl.constexpr, STOC
     y = w_tilde * inv_scale
     y = tl.where(y == y, y, 0.0)
     if IS_INT4:
-        y = tl.minimum(tl.maximum(y, -7.0), 7.0)
+        y = tl.minimum(tl.maximum(y, -INT4_RHO), INT4_RHO)
         if STOCHASTIC:
             u = (random_bits >> 8).to(tl.float32) * (1.0 / 16777216.0)
             lower = tl.floor(y)
-            grid = tl.minimum(tl.maximum(tl.where(u < y - lower, lower + 1.0, lower), -7.0), 7.0)
+            grid = tl.minimum(tl.maximum(tl.where(u < y - lower, lower + 1.0, lower), -INT4_RHO), INT4_RHO)
         else:
             grid = e4m3.round_half_even(y)
     elif STOCHASTIC:
-        grid = e4m3.round_stochastic(tl.minimum(tl.maximum(y, -448.0), 448.0), random_bits)
+        grid = e4m3.round_stochastic(tl.minimum(tl.maximum(y, -FP8_RHO), FP8_RHO), random_bits)
     else:
         grid = y  # both encoders round and saturate at 448; decode(encode(y)) gives the grid value
     return grid
@@ -174,7 +193,7 @@ def finish_element(w_tilde, m_tilde, v_new, d, scale, inv_scale, offsets, mask, 
     else:
         code = e4m3.encode_nearest(grid)
         stored = grid if STOCHASTIC else e4m3.decode(code)
-    if OPT != 2:
+    if OPT != OPT_QUANTIZE:
         m_new = m_tilde
         if not HAS_MASTER:
             error = w_tilde - stored * scale
@@ -182,7 +201,7 @@ def finish_element(w_tilde, m_tilde, v_new, d, scale, inv_scale, offsets, mask, 
         else:
             tl.store(master_ptr + offsets, w_tilde, mask=mask)
         store_state(exp_avg_ptr, offsets, m_new, mask, TARGET)
-        if OPT == 0:
+        if OPT == OPT_ADAMW:
             store_state(exp_avg_sq_ptr, offsets, v_new, mask, TARGET)
     return code
 
@@ -192,14 +211,14 @@ def eco_step_kernel(
     codes_ptr, scales_ptr, workspace_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, master_ptr, src_ptr,
     n_cols, code_cols, rows_per_scale, n_scale_groups, seed,
     k0, k1, k2, k3, k4, k5, k6, k7, inject,
-    OPT: tl.constexpr, IS_INT4: tl.constexpr, GROUP: tl.constexpr, BLOCK: tl.constexpr,
+    OPT: tl.constexpr, IS_INT4: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK: tl.constexpr,
     STOCHASTIC: tl.constexpr, HAS_MASTER: tl.constexpr, PASS: tl.constexpr, TARGET: tl.constexpr,
 ):
-    """One ECO step (or a plain quantize, ``OPT == 2``) for a ``BLOCK``-element tile of one row.
+    """One ECO step (or a plain quantize, ``OPT == OPT_QUANTIZE``) for a ``BLOCK``-element tile of one row.
 
     ``codes_ptr`` is the uint8 view of the codes ``[rows, code_cols]``;
     ``scales_ptr`` the fp32 scales in :meth:`QuantFormat.grouped` order;
-    ``workspace_ptr`` (``GROUP == 0`` only) int32 ``[2, n_scale_groups]``:
+    ``workspace_ptr`` (``GROUP_SIZE == 0`` only) int32 ``[2, n_scale_groups]``:
     absmax bits, then the old scale's bits. ``rows_per_scale`` is 1 for
     row-wise FP8 and the matrix height for tensor-wise INT4.
     Grid: rows x column tiles; the work is :func:`eco_tile`.
@@ -207,7 +226,7 @@ def eco_step_kernel(
     eco_tile(codes_ptr, scales_ptr, workspace_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, master_ptr, src_ptr,
              tl.program_id(0).to(tl.int64), tl.program_id(1), n_cols, code_cols, rows_per_scale, n_scale_groups,
              seed, k0, k1, k2, k3, k4, k5, k6, k7, inject,
-             OPT, IS_INT4, GROUP, BLOCK, STOCHASTIC, HAS_MASTER, PASS, TARGET)
+             OPT, IS_INT4, GROUP_SIZE, BLOCK, STOCHASTIC, HAS_MASTER, PASS, TARGET)
 
 
 @triton.jit
@@ -215,7 +234,7 @@ def eco_tile(
     codes_ptr, scales_ptr, workspace_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, master_ptr, src_ptr,
     row, tile, n_cols, code_cols, rows_per_scale, n_scale_groups, seed,
     k0, k1, k2, k3, k4, k5, k6, k7, inject,
-    OPT: tl.constexpr, IS_INT4: tl.constexpr, GROUP: tl.constexpr, BLOCK: tl.constexpr,
+    OPT: tl.constexpr, IS_INT4: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK: tl.constexpr,
     STOCHASTIC: tl.constexpr, HAS_MASTER: tl.constexpr, PASS: tl.constexpr, TARGET: tl.constexpr,
 ):
     """The ECO tile logic (the one copy of it): column tile ``tile`` of row ``row`` (int64) of one tensor.
@@ -223,8 +242,8 @@ def eco_tile(
     Arguments as :func:`eco_step_kernel`; :func:`eco_multi_step_kernel` calls
     it with pointers already offset to the tensor its program works on.
     """
-    GW: tl.constexpr = GROUP if GROUP > 0 else BLOCK
-    RHO: tl.constexpr = 7.0 if IS_INT4 else 448.0
+    GW: tl.constexpr = GROUP_SIZE if GROUP_SIZE > 0 else BLOCK
+    RHO: tl.constexpr = INT4_RHO if IS_INT4 else FP8_RHO
     i = tl.arange(0, BLOCK // GW)[:, None]
     col = tile * BLOCK + i * GW + tl.arange(0, GW)[None, :]
     mask = col < n_cols
@@ -237,10 +256,10 @@ def eco_tile(
     code_offsets = row * code_cols + code_col
 
     # Old scale: one per group of the tile ([BLOCK // GW, 1]), or one per row/matrix.
-    if GROUP > 0:
+    if GROUP_SIZE > 0:
         group_first_col = tile * BLOCK + i * GW
         group_mask = group_first_col < n_cols
-        group_index = (row * n_cols + group_first_col) // GROUP
+        group_index = (row * n_cols + group_first_col) // GROUP_SIZE
         old_scale = tl.load(scales_ptr + group_index, mask=group_mask, other=1.0)
     else:
         scale_index = row // rows_per_scale
@@ -262,7 +281,7 @@ def eco_tile(
                                   k0, k1, k2, k3, k4, k5, k6, k7, OPT)
     absmax = tl.max(tl.abs(w_t), axis=1)
 
-    if GROUP == 0:
+    if GROUP_SIZE == 0:
         if PASS == 0:
             tl.atomic_max(workspace_ptr + scale_index, tl.max(absmax, axis=0).to(tl.int32, bitcast=True))
             tl.store(workspace_ptr + n_scale_groups + scale_index, old_scale.to(tl.int32, bitcast=True),
@@ -270,7 +289,7 @@ def eco_tile(
             return
         absmax = tl.load(workspace_ptr + scale_index).to(tl.float32, bitcast=True)
     scale, inv_scale = scale_pair(absmax, RHO)
-    if GROUP > 0:
+    if GROUP_SIZE > 0:
         scale = scale[:, None]
         inv_scale = inv_scale[:, None]
         tl.store(scales_ptr + group_index, scale, mask=group_mask)
@@ -285,23 +304,18 @@ def eco_tile(
     tl.store(codes_ptr + code_offsets, code.to(tl.uint8), mask=code_mask)
 
 
-#: int64 words per program and per tensor in the table of :func:`eco_multi_step_kernel`
-MULTI_PROGRAM_WORDS = tl.constexpr(3)
-MULTI_TENSOR_WORDS = tl.constexpr(12)
-
-
 @triton.jit
 def eco_multi_step_kernel(
     codes_ptr, scales_ptr, workspace_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, master_ptr, table_ptr,
     k0, k1, k2, k3, k4, k5, k6, k7, inject,
-    OPT: tl.constexpr, IS_INT4: tl.constexpr, GROUP: tl.constexpr, BLOCK: tl.constexpr,
+    OPT: tl.constexpr, IS_INT4: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK: tl.constexpr,
     STOCHASTIC: tl.constexpr, HAS_MASTER: tl.constexpr, PASS: tl.constexpr, TARGET: tl.constexpr,
 ):
     """The ECO step of many quantized tensors (one format, dtypes and scalars) in one launch: :func:`eco_tile`.
 
     The pointers are those of the list's first tensor; ``table_ptr`` (int64)
     holds, per program, ``[tensor index, row, column tile]`` and then, per
-    tensor (starting at ``3 * n_programs``), ``[n_cols, code_cols,
+    tensor (starting at ``3 * n_programs``; word offsets ``STEP_*``), ``[n_cols, code_cols,
     rows_per_scale, n_scale_groups, seed, codes, scales, workspace, grad,
     exp_avg, exp_avg_sq, master offsets]``: each stream's element offset from
     the first tensor's (``workspace``: this tensor's ``[2, n_scale_groups]``
@@ -316,23 +330,25 @@ def eco_multi_step_kernel(
     """
     pid = tl.program_id(0)
     program = table_ptr + MULTI_PROGRAM_WORDS * pid
-    tensor = tl.load(program)
-    row = tl.load(program + 1)
-    tile = tl.load(program + 2).to(tl.int32)
+    tensor = tl.load(program + STEP_PROGRAM_TENSOR)
+    row = tl.load(program + STEP_PROGRAM_ROW)
+    tile = tl.load(program + STEP_PROGRAM_TILE).to(tl.int32)
     entry = table_ptr + MULTI_PROGRAM_WORDS * tl.num_programs(0) + MULTI_TENSOR_WORDS * tensor
-    n_cols = tl.multiple_of(tl.load(entry).to(tl.int32), 16)
-    code_cols = tl.multiple_of(tl.load(entry + 1).to(tl.int32), 8 if IS_INT4 else 16)
-    rows_per_scale = tl.load(entry + 2).to(tl.int32)
-    n_scale_groups = tl.load(entry + 3).to(tl.int32)
-    seed = tl.load(entry + 4)
-    grad = grad_ptr + aligned_offset(grad_ptr, entry + 8)
-    eco_tile(codes_ptr + aligned_offset(codes_ptr, entry + 5), scales_ptr + aligned_offset(scales_ptr, entry + 6),
-             workspace_ptr + tl.load(entry + 7), grad, exp_avg_ptr + aligned_offset(exp_avg_ptr, entry + 9),
-             exp_avg_sq_ptr + aligned_offset(exp_avg_sq_ptr, entry + 10),
-             master_ptr + aligned_offset(master_ptr, entry + 11), grad,
+    n_cols = tl.multiple_of(tl.load(entry + STEP_N_COLS).to(tl.int32), 16)
+    code_cols = tl.multiple_of(tl.load(entry + STEP_CODE_COLS).to(tl.int32), 8 if IS_INT4 else 16)
+    rows_per_scale = tl.load(entry + STEP_ROWS_PER_SCALE).to(tl.int32)
+    n_scale_groups = tl.load(entry + STEP_N_SCALE_GROUPS).to(tl.int32)
+    seed = tl.load(entry + STEP_SEED)
+    grad = grad_ptr + aligned_offset(grad_ptr, entry + STEP_GRAD)
+    eco_tile(codes_ptr + aligned_offset(codes_ptr, entry + STEP_CODES),
+             scales_ptr + aligned_offset(scales_ptr, entry + STEP_SCALES),
+             workspace_ptr + tl.load(entry + STEP_WORKSPACE), grad,
+             exp_avg_ptr + aligned_offset(exp_avg_ptr, entry + STEP_EXP_AVG),
+             exp_avg_sq_ptr + aligned_offset(exp_avg_sq_ptr, entry + STEP_EXP_AVG_SQ),
+             master_ptr + aligned_offset(master_ptr, entry + STEP_MASTER), grad,
              row, tile, n_cols, code_cols, rows_per_scale, n_scale_groups, seed,
              k0, k1, k2, k3, k4, k5, k6, k7, inject,
-             OPT, IS_INT4, GROUP, BLOCK, STOCHASTIC, HAS_MASTER, PASS, TARGET)
+             OPT, IS_INT4, GROUP_SIZE, BLOCK, STOCHASTIC, HAS_MASTER, PASS, TARGET)
 
 
 @triton.jit
@@ -359,14 +375,14 @@ def pack_nibbles(code, ROWS: tl.constexpr, COLS: tl.constexpr):
 
 @triton.jit
 def dequantize_kernel(codes_ptr, scales_ptr, out_ptr, n_cols, code_cols, rows_per_scale,
-                      IS_INT4: tl.constexpr, GROUP: tl.constexpr, BLOCK: tl.constexpr, TARGET: tl.constexpr):
+                      IS_INT4: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK: tl.constexpr, TARGET: tl.constexpr):
     """``code * scale`` (fp32) cast to the output dtype, for a ``BLOCK``-element tile of one row."""
     row = tl.program_id(0).to(tl.int64)
     col = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = col < n_cols
     offsets = row * n_cols + col
-    if GROUP > 0:
-        scale = tl.load(scales_ptr + offsets // GROUP, mask=mask, other=1.0)
+    if GROUP_SIZE > 0:
+        scale = tl.load(scales_ptr + offsets // GROUP_SIZE, mask=mask, other=1.0)
     else:
         scale = tl.load(scales_ptr + row // rows_per_scale)
     if IS_INT4:
@@ -386,7 +402,7 @@ def plain_tile(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, offsets, mask,
     p = tl.load(param_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     m = tl.load(exp_avg_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-    if OPT == 0:
+    if OPT == OPT_ADAMW:
         v = tl.load(exp_avg_sq_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         m_new, v_new, d = adamw_moments(g, m, v, k0, k1, k2, k3, k4, k5)
         p_new = p * k6 - k7 * tl.math.div_rn(m_new, d)
@@ -416,7 +432,7 @@ def plain_multi_step_kernel(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, ta
 
     The four pointers are the first tensor of each list; ``table_ptr`` (int64)
     holds, per program, ``[tensor index, first element]`` and then, per tensor
-    (starting at ``2 * n_programs``), ``[numel, param, grad, exp_avg, exp_avg_sq
+    (starting at ``2 * n_programs``; word offsets ``PLAIN_*``), ``[numel, param, grad, exp_avg, exp_avg_sq
     offsets]``: each tensor's element offset from the list's first tensor (all
     tensors of one list share a dtype, so such offsets are whole elements).
     The launcher only groups tensors whose numel is a multiple of 16 and whose
@@ -424,15 +440,17 @@ def plain_multi_step_kernel(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, ta
     """
     pid = tl.program_id(0)
     n_programs = tl.num_programs(0)
-    tensor = tl.load(table_ptr + 2 * pid)
-    start = tl.multiple_of(tl.load(table_ptr + 2 * pid + 1), BLOCK)
-    entry = table_ptr + 2 * n_programs + 5 * tensor
-    numel = tl.multiple_of(tl.load(entry), 16)
+    program = table_ptr + PLAIN_PROGRAM_WORDS * pid
+    tensor = tl.load(program + PLAIN_PROGRAM_TENSOR)
+    start = tl.multiple_of(tl.load(program + PLAIN_PROGRAM_START), BLOCK)
+    entry = table_ptr + PLAIN_PROGRAM_WORDS * n_programs + PLAIN_TENSOR_WORDS * tensor
+    numel = tl.multiple_of(tl.load(entry + PLAIN_NUMEL), 16)
     offsets = start + tl.arange(0, BLOCK)
     mask = offsets < numel
-    plain_tile(param_ptr + aligned_offset(param_ptr, entry + 1), grad_ptr + aligned_offset(grad_ptr, entry + 2),
-               exp_avg_ptr + aligned_offset(exp_avg_ptr, entry + 3),
-               exp_avg_sq_ptr + aligned_offset(exp_avg_sq_ptr, entry + 4), offsets, mask,
+    plain_tile(param_ptr + aligned_offset(param_ptr, entry + PLAIN_PARAM),
+               grad_ptr + aligned_offset(grad_ptr, entry + PLAIN_GRAD),
+               exp_avg_ptr + aligned_offset(exp_avg_ptr, entry + PLAIN_EXP_AVG),
+               exp_avg_sq_ptr + aligned_offset(exp_avg_sq_ptr, entry + PLAIN_EXP_AVG_SQ), offsets, mask,
                k0, k1, k2, k3, k4, k5, k6, k7, OPT, TARGET)
 
 

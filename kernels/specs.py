@@ -23,7 +23,7 @@ Fields of a :class:`KernelSpec`:
     build takes :meth:`KernelSpec.constexprs_for` its device's compute capability.
 ``aligned``
     Pointer arguments that are 16-byte aligned at every launch (the launcher
-    checks it). :meth:`KernelSpec.attrs` turns them into ASTSource ``attrs``.
+    checks it; ahead-of-time builds promise it to the compiler).
 ``num_warps``, ``options``
     Launch options; ``options`` always holds ``enable_fp_fusion=False``
     (no FMA contraction: bit-identity with the reference needs it), and
@@ -39,8 +39,8 @@ Fields of a :class:`KernelSpec`:
     formats, 1: the storing pass).
 
 Scalar arguments (``k0..k7``, ``inject``) carry the host scalars of
-``eco.reference.AdamWScalars``/``SGDScalars`` as fp32; see
-``kernels/eco_step.py`` for their meaning per optimizer.
+``eco.reference.AdamWScalars``/``SGDScalars`` as fp32, in the slots named by
+``eco.kernels.launcher.SCALAR_SLOTS``.
 """
 
 from __future__ import annotations
@@ -50,9 +50,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from eco import formats
+from eco.formats import ROUNDINGS, STATE_DTYPES
+
 from . import eco_step
 
-#: group sizes (FP8 ``block_size``, INT4 ``group_size``) with kernels; others run on the reference path
+#: group sizes with kernels; formats with others run on the reference path
 GROUP_SIZES = (32, 64, 128)
 STEP_BLOCK = 1024          # elements per program, block/group formats
 ROWWISE_BLOCK = 2048       # elements per program, row-wise FP8 / tensor-wise INT4 (fewer atomics)
@@ -60,11 +63,12 @@ MULTI_STEP_BLOCK = 2048    # elements per program, block/group formats in the mu
 PLAIN_BLOCK = 1024
 OPTIONS = {"enable_fp_fusion": False}
 
-TRITON_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-STATE_DTYPES = (torch.float32, torch.bfloat16)
+#: torch dtype -> Triton's name of it (pointer types are ``"*" + name``)
+TRITON_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.uint8: "u8",
+                 torch.int8: "i8", torch.int32: "i32", torch.int64: "i64"}
+#: gradient (and plain parameter, quantize input, dequantize output) dtypes with kernels
 GRAD_DTYPES = (torch.float32, torch.bfloat16)
-OPTIMIZERS = {"adamw": eco_step.OPT_ADAMW, "sgd": eco_step.OPT_SGD}
-ROUNDINGS = ("nearest", "stochastic")
+OPTIMIZERS = {"adamw": eco_step.OPT_ADAMW.value, "sgd": eco_step.OPT_SGD.value}
 
 
 def format_configs() -> list[dict]:
@@ -76,10 +80,7 @@ def format_configs() -> list[dict]:
 
 
 def format_tag(config: dict) -> str:
-    gs = config["group_size"]
-    if config["name"] == "fp8":
-        return "fp8-row" if gs is None else f"fp8-block{gs}"
-    return "int4-tensor" if gs is None else f"int4-group{gs}"
+    return formats.format_tag(formats.format_from_config(config))
 
 
 @dataclass(frozen=True)
@@ -93,17 +94,9 @@ class KernelSpec:
     meta: dict
     options: dict = field(default_factory=lambda: dict(OPTIONS))
 
-    def attrs(self) -> dict:
-        """ASTSource ``attrs``: ``{(arg index,): [["tt.divisibility", 16]]}`` for the aligned pointers."""
-        names = list(self.signature)
-        return {(names.index(n),): [["tt.divisibility", 16]] for n in self.aligned}
-
     def constexprs_for(self, capability: int) -> dict:
         """The constexprs of a launch on compute capability ``capability`` (e.g. 90; 0: the interpreter)."""
         return {**self.constexprs, "TARGET": capability}
-
-    def runtime_args(self) -> list[str]:
-        return [n for n, t in self.signature.items() if t != "constexpr"]
 
 
 def _arg_names(fn) -> list[str]:
@@ -131,12 +124,12 @@ def _step_tiling(group_size: int, multi: bool) -> tuple[int, int, dict]:
     Block/group formats: 8 elements a thread (128-bit bf16 loads); the
     multi-tensor step also holds its table's offsets, and at 1024 x 4 warps it
     spilled around the IEEE div/sqrt slow-path calls, so it runs 2048 x 8
-    warps. Row/tensor formats: 16 elements a thread (fewer atomics, 7-8 fewer
-    SASS per element and pass than 8). Left to choose, ptxas stopped at 64
-    registers for 8 warps and 96 for 4 and spilled 8-104 bytes (master-weight
-    and multi-tensor steps, mostly sm_100); with the explicit ``maxnreg``
-    below they take up to 91 and 150 and spill nothing. Checked by
-    ``tests/test_aot_compile.py``, which compiles every specialization.
+    warps. Row/tensor formats: 16 elements a thread (fewer atomics and
+    instructions than with 8). Left to choose, ptxas capped the
+    registers low and spilled (master-weight and multi-tensor steps, mostly
+    sm_100); the explicit ``maxnreg`` below leaves room and nothing spills.
+    Checked by ``tests/test_aot_compile.py``, which compiles every
+    specialization (figures: docs/notes-from-code.md).
     """
     if group_size:
         if multi:
@@ -166,7 +159,7 @@ def _step_specs(multi: bool = False) -> list[KernelSpec]:
                                 }
                                 block, num_warps, options = _step_tiling(gs, multi)
                                 constexprs = dict(
-                                    OPT=opt, IS_INT4=config["name"] == "int4", GROUP=gs, BLOCK=block,
+                                    OPT=opt, IS_INT4=config["name"] == "int4", GROUP_SIZE=gs, BLOCK=block,
                                     STOCHASTIC=rounding == "stochastic", HAS_MASTER=master, PASS=pass_,
                                 )
                                 tag = "absmax-pass" if pass_ == 0 else rounding
@@ -194,7 +187,7 @@ def _quantize_specs() -> list[KernelSpec]:
                         "exp_avg_ptr": "*fp32", "exp_avg_sq_ptr": "*fp32", "master_ptr": "*fp32",
                         "src_ptr": f"*{sr}", **_STEP_INTS, **_SCALARS,
                     }
-                    constexprs = dict(OPT=eco_step.OPT_QUANTIZE, IS_INT4=config["name"] == "int4", GROUP=gs,
+                    constexprs = dict(OPT=eco_step.OPT_QUANTIZE.value, IS_INT4=config["name"] == "int4", GROUP_SIZE=gs,
                                       BLOCK=STEP_BLOCK if gs else ROWWISE_BLOCK,
                                       STOCHASTIC=rounding == "stochastic", HAS_MASTER=False, PASS=pass_)
                     tag = "absmax-pass" if pass_ == 0 else rounding
@@ -212,7 +205,7 @@ def _dequantize_specs() -> list[KernelSpec]:
             ot = TRITON_DTYPES[out]
             types = {"codes_ptr": "*u8", "scales_ptr": "*fp32", "out_ptr": f"*{ot}", "n_cols": "i32",
                      "code_cols": "i32", "rows_per_scale": "i32"}
-            constexprs = dict(IS_INT4=config["name"] == "int4", GROUP=config["group_size"] or 0, BLOCK=STEP_BLOCK)
+            constexprs = dict(IS_INT4=config["name"] == "int4", GROUP_SIZE=config["group_size"] or 0, BLOCK=STEP_BLOCK)
             meta = dict(kernel="dequantize", optimizer=None, format=config, rounding=None, state_dtype=None,
                         out_dtype=out, master=False, **{"pass": 1})
             specs.append(_spec(f"dequantize/{format_tag(config)}/out-{ot}", eco_step.dequantize_kernel, types,

@@ -7,13 +7,10 @@ import torch
 import torch.nn as nn
 
 import eco
+from eco.formats import format_from_tag
 
-FORMATS = {
-    "fp8_row": eco.FP8(),
-    "fp8_block32": eco.FP8(block_size=32),
-    "int4_tensor": eco.INT4(),
-    "int4_group32": eco.INT4(group_size=32),
-}
+#: the formats most tests run, by short name (small groups: the tests' tensors are small)
+FORMATS = {tag: format_from_tag(tag) for tag in ("fp8-row", "fp8-block32", "int4-tensor", "int4-group32")}
 
 
 def mlp(sizes=(16, 64, 64, 4), seed=0) -> nn.Sequential:

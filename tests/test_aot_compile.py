@@ -1,6 +1,6 @@
 """Compile kernels for real GPU targets (sm_80, sm_90, sm_100) without a GPU.
 
-The first half checks the machinery of ``eco.kernels.aot`` on small kernels
+The first half checks the machinery of ``eco_bench.aot`` on small kernels
 of this file whose compiled form is known (a copy kernel is 128-bit with
 alignment hints and 32-bit without; a kernel holding 256 floats per thread
 spills). The second half compiles every specialization the optimizer launches
@@ -21,7 +21,8 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from eco.kernels.aot import (
+
+from eco_bench.aot import (
     H100_SXM,
     STREAM_ARGS,
     TARGETS,
@@ -218,7 +219,7 @@ def covering_specs(specs) -> list:
 
 def _spec_matrix():
     """Every specialization (what CI compiles), or the covering subset under ``ECO_AOT_SUBSET=1``."""
-    from eco.kernels import SPECS
+    from eco.kernels.specs import SPECS
 
     return covering_specs(SPECS) if os.environ.get("ECO_AOT_SUBSET") == "1" else SPECS
 
@@ -236,7 +237,7 @@ def spec_results():
 
 
 def test_the_matrix_covers_every_axis():
-    from eco.kernels import SPECS
+    from eco.kernels.specs import SPECS
 
     subset = covering_specs(SPECS)
     kinds = {(s.meta["kernel"], s.meta.get("optimizer"), s.meta.get("rounding"), s.meta.get("pass")) for s in SPECS}
@@ -250,12 +251,12 @@ def _params():
     try:
         specs = _spec_matrix()
     except ImportError:  # the kernel list is not importable: the test reports it
-        return [pytest.param("<eco.kernels.SPECS missing>", t) for t in TARGETS]
+        return [pytest.param("<eco.kernels.specs.SPECS missing>", t) for t in TARGETS]
     return [pytest.param(spec.name, t, id=f"{spec.name}-{t}") for spec in specs for t in TARGETS]
 
 
 def _spec(name):
-    from eco.kernels import SPECS
+    from eco.kernels.specs import SPECS
 
     return next(s for s in SPECS if s.name == name)
 
@@ -287,13 +288,14 @@ _DOC_ROW = re.compile(r"^(AdamW|SGD), (bf16|fp32) m(?:, v)?\s+(FP8|INT4)\s+([\d.
 
 
 def test_bytes_per_element_match_the_kernel_docstring(spec_results):
-    """The traffic the compiled code moves equals the table in ``eco.kernels``' docstring."""
-    import eco.kernels
+    """The traffic the compiled code moves equals the table in ``eco.kernels.traffic``' docstring."""
+    from eco.kernels import traffic
+    from eco.kernels.specs import TRITON_DTYPES
 
     table = {}
-    for opt, state, fmt, grouped, rowwise, reread in _DOC_ROW.findall(eco.kernels.__doc__):
+    for opt, state, fmt, grouped, rowwise, reread in _DOC_ROW.findall(traffic.__doc__):
         table[(opt.lower(), state, fmt.lower())] = (float(grouped), float(rowwise), float(reread))
-    assert len(table) == 8, "the HBM bytes table of eco.kernels' docstring is missing or changed shape"
+    assert len(table) == 8, "the HBM bytes table of eco.kernels.traffic's docstring is missing or changed shape"
     checked = 0
     for (name, target), result in spec_results.items():
         spec = _spec(name)
@@ -301,7 +303,7 @@ def test_bytes_per_element_match_the_kernel_docstring(spec_results):
         if target != "sm_90" or m["kernel"] != "step" or m["master"] or result.error:
             continue
         fmt = m["format"]
-        state = {torch.bfloat16: "bf16", torch.float32: "fp32"}[m["state_dtype"]]
+        state = TRITON_DTYPES[m["state_dtype"]]
         grouped, rowwise, reread = table[(m["optimizer"], state, fmt["name"])]
         fp32_grad = m["grad_dtype"] == torch.float32
         if fmt["group_size"]:

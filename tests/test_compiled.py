@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import eco
-from eco import compiled, optim, reference
+from eco import backends, compiled, reference
+from eco.formats import ROUNDINGS
 from tests.helpers import FORMATS
 
 SHAPE = (5, 96)  # rows not a multiple of 8 (the vector width), columns a multiple of every group size
@@ -38,9 +39,9 @@ def _assert_same(a, b):
 
 
 CASES = [  # (format, rounding, state dtype, master)
-    *[(name, rounding, torch.bfloat16, False) for name in FORMATS for rounding in ("nearest", "stochastic")],
-    ("fp8_row", "stochastic", torch.float32, False),
-    ("int4_group32", "nearest", torch.float32, True),
+    *[(name, rounding, torch.bfloat16, False) for name in FORMATS for rounding in ROUNDINGS],
+    ("fp8-row", "stochastic", torch.float32, False),
+    ("int4-group32", "nearest", torch.float32, True),
 ]
 
 
@@ -74,7 +75,7 @@ def test_compiled_adamw_equals_the_eager_reference(name, rounding, state_dtype, 
         _assert_same(ours, eager)
 
 
-@pytest.mark.parametrize("name,weight_decay", [("fp8_block32", 0.0), ("int4_tensor", 0.05)])
+@pytest.mark.parametrize("name,weight_decay", [("fp8-block32", 0.0), ("int4-tensor", 0.05)])
 def test_compiled_sgd_equals_the_eager_reference(name, weight_decay):
     fmt = FORMATS[name]
     ours, theirs = _state(fmt, torch.float32)[:4], _state(fmt, torch.float32)[:4]
@@ -170,15 +171,15 @@ def test_stochastic_rounding_with_counter_uniforms_is_unbiased():
 def test_compiled_is_opt_in_and_refuses_tensors_it_cannot_run(monkeypatch):
     monkeypatch.delenv("ECO_BACKEND", raising=False)
     cpu = torch.empty(1 << 16)
-    assert optim._select_backend("auto", cpu) is reference  # auto never compiles on CPU
-    assert optim._select_backend("compiled", cpu) is compiled
+    assert backends.select("auto", cpu) is reference  # auto never compiles on CPU
+    assert backends.select("compiled", cpu) is compiled
     with pytest.raises(RuntimeError, match="backend='compiled' runs CPU tensors"):
-        optim._select_backend("compiled", torch.empty(4, device="meta"))
+        backends.select("compiled", torch.empty(4, device="meta"))
     monkeypatch.setattr(compiled, "_cxx_compiler", lambda: None)  # a machine without a C++ compiler
     with pytest.raises(RuntimeError, match="needs a C\\+\\+ compiler"):
-        optim._select_backend("compiled", cpu)
+        backends.select("compiled", cpu)
     monkeypatch.setenv("ECO_BACKEND", "reference")
-    assert optim._select_backend("compiled", cpu) is reference
+    assert backends.select("compiled", cpu) is reference
 
 
 def test_a_compile_failure_falls_back_to_the_reference_with_a_warning(monkeypatch):
@@ -196,7 +197,7 @@ def test_a_compile_failure_falls_back_to_the_reference_with_a_warning(monkeypatc
     reference.plain_adamw_steps_(*([t] for t in expected), scalars=scalars)
     assert torch.equal(p, expected[0]) and torch.equal(m, expected[2])
     assert "no compiler here" in compiled.compile_failure()
-    assert optim._select_backend("compiled", torch.empty(10)) is compiled  # training goes on, on the eager path
+    assert backends.select("compiled", torch.empty(10)) is compiled  # training goes on, on the eager path
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # warned once; later steps stay quietly on the reference
         compiled.plain_adamw_steps_([p], [g], [m], [v], scalars=scalars)

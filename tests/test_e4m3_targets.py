@@ -18,10 +18,10 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from eco.kernels import e4m3
-from eco.kernels.aot import TARGETS, KernelBuild, compile_builds
 
 from eco.formats import FP8
+from eco.kernels import e4m3
+from eco_bench.aot import TARGETS, KernelBuild, compile_builds
 
 BLOCK = 1024
 

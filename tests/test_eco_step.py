@@ -1,4 +1,4 @@
-"""One optimizer step on a quantized weight equals eco-method.md's formulas, computed here independently."""
+"""One optimizer step on a quantized weight equals the formulas of docs/method.md, computed here independently."""
 
 import pytest
 import torch
@@ -14,7 +14,7 @@ def independent_rtn(x: torch.Tensor, fmt) -> tuple[torch.Tensor, torch.Tensor]:
     if isinstance(fmt, eco.INT4) and fmt.group_size is None:
         groups = x.reshape(-1, x.shape[-2] * x.shape[-1])
     else:
-        groups = x.reshape(-1, getattr(fmt, "block_size", None) or getattr(fmt, "group_size", None) or x.shape[-1])
+        groups = x.reshape(-1, fmt.group_size or x.shape[-1])
     rho = 448.0 if isinstance(fmt, eco.FP8) else 7.0
     absmax = groups.abs().amax(dim=1, keepdim=True)
     y = groups * (rho / absmax)

@@ -13,10 +13,10 @@ import math
 
 import pytest
 import torch
-from eco.kernels import eco_step
 
 import eco
 from eco import kernels, reference
+from eco.kernels import eco_step, launcher
 from tests.helpers import FORMATS, assert_bits_equal, assert_same_training_state, bits
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -29,9 +29,9 @@ LARGE = 1024  # MULTI_TENSOR_MAX_NUMEL in these tests: a "large" weight the inte
 def launches(monkeypatch):
     """The spec names of every kernel launch (the launches still run)."""
     names = []
-    real = kernels.launch
-    monkeypatch.setattr(kernels, "launch", lambda spec, grid, **a: (names.append(spec.name), real(spec, grid, **a)))
-    monkeypatch.setattr(kernels, "MULTI_TENSOR_MAX_NUMEL", LARGE)
+    real = launcher.launch
+    monkeypatch.setattr(launcher, "launch", lambda spec, grid, **a: (names.append(spec.name), real(spec, grid, **a)))
+    monkeypatch.setattr(launcher, "MULTI_TENSOR_MAX_NUMEL", LARGE)
     return names
 
 
@@ -43,7 +43,7 @@ def shapes_for(fmt):
     ``LARGE`` elements.
     """
     grouped = [(2, 32), (2, 2, 32), (1, 64), (3, 32)]
-    odd = (2, 24) if fmt.row_group is None else (2, LARGE // 2 + 32)
+    odd = (2, 24) if fmt.group_size is None else (2, LARGE // 2 + 32)
     return [torch.Size(s) for s in grouped[:2] + [odd] + grouped[2:]]
 
 
@@ -98,7 +98,7 @@ def assert_weights_equal(actual, expected):
 
 
 def passes(fmt) -> int:
-    return 2 if fmt.row_group is None else 1
+    return 2 if fmt.group_size is None else 1
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
@@ -122,7 +122,7 @@ def test_grouped_step_equals_one_step_per_weight(name, rounding, optimizer, laun
     assert all(not torch.equal(bits(a["codes"]), bits(b["codes"])) for a, b in zip(each, weights, strict=True))
 
 
-@pytest.mark.parametrize("name", ["fp8_row", "int4_group32"])
+@pytest.mark.parametrize("name", ["fp8-row", "int4-group32"])
 def test_grouped_step_with_master_weights_and_fp32_states(name, launches):
     """The master-weight baseline through the multi kernel (fp32 states and gradients): masters equal too."""
     fmt = FORMATS[name]
@@ -143,15 +143,15 @@ def test_launch_count_many_small_experts(name, monkeypatch):
     (last dim not a multiple of 16, or a non-contiguous gradient for block/group formats) and a
     large one get their own; the multi launch has one program per tile of the eight."""
     fmt = FORMATS[name]
-    monkeypatch.setattr(kernels, "MULTI_TENSOR_MAX_NUMEL", LARGE)
+    monkeypatch.setattr(launcher, "MULTI_TENSOR_MAX_NUMEL", LARGE)
     recorded = []
-    monkeypatch.setattr(kernels, "launch", lambda spec, grid, **a: recorded.append((spec, grid)))
+    monkeypatch.setattr(launcher, "launch", lambda spec, grid, **a: recorded.append((spec, grid)))
     experts = [torch.Size((16, 32))] * 6 + [torch.Size((2, 8, 32))] * 2
-    odd = torch.Size((4, 24)) if fmt.row_group is None else torch.Size((4, 32))
+    odd = torch.Size((4, 24)) if fmt.group_size is None else torch.Size((4, 32))
     large = torch.Size((8, LARGE // 8 + 32))
     shapes = experts + [odd, large]
     weights = make_weights(fmt, shapes, "adamw", torch.bfloat16, torch.bfloat16, master=False)
-    if fmt.row_group is not None:
+    if fmt.group_size is not None:
         weights[8]["grad"] = weights[8]["grad"].t().contiguous().t()  # same values, column-major
         assert not weights[8]["grad"].is_contiguous()
     step_grouped("adamw", fmt, shapes, weights, 1, "nearest", [None] * len(shapes))
@@ -159,7 +159,7 @@ def test_launch_count_many_small_experts(name, monkeypatch):
     single = [spec for spec, _ in recorded if spec.meta["kernel"] == "step"]
     assert len(multi) == passes(fmt) and len(single) == 2 * passes(fmt), [s.name for s, _ in recorded]
     block = multi[0][0].constexprs["BLOCK"]
-    if fmt.row_group is None:  # row/tensor scales: tiles of rows
+    if fmt.group_size is None:  # row/tensor scales: tiles of rows
         tiles = sum(math.prod(s[:-1]) * -(-s[-1] // block) for s in experts)
     else:  # block/group scales: a weight is one flat row, its narrow rows share tiles
         tiles = sum(-(-math.prod(s) // block) for s in experts)
@@ -173,8 +173,8 @@ def test_launch_table_layout():
     shapes = [torch.Size((2, 32)), torch.Size((3, 2, 16))]
     weights = make_weights(fmt, shapes, "adamw", torch.bfloat16, torch.float32, master=False)
     items = [(s, w["codes"].view(torch.uint8), w["scales"], w["grad"], w["exp_avg"], w["exp_avg_sq"],
-              kernels._dummy(torch.float32, w["codes"].device)) for s, w in zip(shapes, weights, strict=True)]
-    table, seed_slots, workspace, n_programs = kernels._step_table(fmt, 2048, items)
+              launcher.dummy(torch.float32, w["codes"].device)) for s, w in zip(shapes, weights, strict=True)]
+    table, seed_slots, workspace, n_programs = launcher.step_table(fmt, 2048, items)
     assert n_programs == 2 + 6
     programs = table[:3 * n_programs].reshape(-1, 3).tolist()
     assert programs == [[0, 0, 0], [0, 1, 0]] + [[1, r, 0] for r in range(6)]
@@ -218,7 +218,7 @@ def train(fmt, backend, steps, rounding="nearest", seed=0):
     return model, opt
 
 
-@pytest.mark.parametrize("name", ["fp8_row", "int4_group32"])
+@pytest.mark.parametrize("name", ["fp8-row", "int4-group32"])
 def test_optimizer_groups_quantized_experts_and_equals_reference(name, launches):
     """eco.AdamW(backend='triton') == backend='reference' over 3 steps (nearest), in few launches per step."""
     fmt = FORMATS[name]
@@ -236,7 +236,7 @@ def test_optimizer_groups_quantized_experts_and_equals_reference(name, launches)
 def test_optimizer_draws_one_seed_per_weight_in_parameter_order(launches):
     """Stochastic rounding: the grouped optimizer step equals per-weight kernel steps whose seeds come from the
     optimizer's generator in parameter order (so runs stay reproducible and equal to the per-weight path)."""
-    fmt = FORMATS["fp8_block32"]
+    fmt = FORMATS["fp8-block32"]
     torch.manual_seed(0)
     model = eco.quantize_(Experts(n_experts=3).to(DEVICE), fmt,
                           filter_fn=lambda name, module: not name.startswith("router"))

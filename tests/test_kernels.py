@@ -14,11 +14,11 @@ import math
 import numpy as np
 import pytest
 import torch
-from eco.kernels import eco_step, specs
 
 import eco
 from eco import kernels, reference
 from eco.formats import ZERO_GROUP_ABSMAX, format_from_config
+from eco.kernels import eco_step, launcher, specs, traffic
 from tests.helpers import assert_bits_equal, assert_same_training_state, bits
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -32,9 +32,9 @@ GROUP_SHAPES = [(1, 128), (5, 256), (3, 4, 128), "zeros"]      # last dim a mult
 
 def shapes_for(fmt):
     """Every awkward shape for row/tensor formats and groups of 32; one 3-D shape for other group sizes."""
-    if fmt.row_group is None:
+    if fmt.group_size is None:
         return ROW_SHAPES
-    return GROUP_SHAPES if fmt.row_group == 32 else [(3, 4, 128)]
+    return GROUP_SHAPES if fmt.group_size == 32 else [(3, 4, 128)]
 
 
 def case_id(fmt, shape):
@@ -49,7 +49,7 @@ def make_state(fmt, shape, optimizer, state_dtype, grad_dtype, seed=0):
     """A quantized weight plus gradient and moments (non-trivial: moments and codes already moved)."""
     gen = torch.Generator().manual_seed(seed)
     zeros = shape == "zeros"
-    shape = (7, 130) if zeros and fmt.row_group is None else ((3, 128) if zeros else shape)
+    shape = (7, 130) if zeros and fmt.group_size is None else ((3, 128) if zeros else shape)
     w = torch.zeros(shape) if zeros else torch.randn(shape, generator=gen)
     codes, scales = fmt.quantize(w)
     grad = torch.zeros(shape) if zeros else torch.randn(shape, generator=gen) * 0.1
@@ -134,7 +134,7 @@ def test_nonfinite_gradient_never_writes_nan_codes(fmt):
     values = fmt.decode(state["codes"], shape)
     assert not torch.isnan(values).any()
     # where the gradient was finite and the scale too, the update went through normally
-    assert torch.isfinite(state["scales"][2 if fmt.row_group is None and fmt.name == "fp8" else 0]).all()
+    assert torch.isfinite(state["scales"][2 if fmt.group_size is None and fmt.name == "fp8" else 0]).all()
 
 
 def test_lr_zero_updates_moments_only():
@@ -161,7 +161,7 @@ def test_unsupported_group_size_is_refused_with_a_clear_error():
 # ---------------------------------------------------------------- quantize / dequantize
 @pytest.mark.parametrize("fmt, shape", CASES, ids=CASE_IDS)
 def test_quantize_and_dequantize_match_the_format(fmt, shape):
-    shape = (7, 130) if shape == "zeros" and fmt.row_group is None else ((3, 128) if shape == "zeros" else shape)
+    shape = (7, 130) if shape == "zeros" and fmt.group_size is None else ((3, 128) if shape == "zeros" else shape)
     x = torch.randn(shape, device=DEVICE) * 3
     x.view(-1)[0] = 0.0
     for dtype in (torch.float32, torch.bfloat16):
@@ -182,9 +182,9 @@ PLAIN_SIZES = [(1,), (3,), (1025,), (7, 130), (2, 3, 4), (16,), (4, 32), (3, 16)
                                                       (torch.float32, torch.bfloat16)])
 def test_plain_steps_match_reference_single_and_grouped(optimizer, param_dtype, state_dtype, monkeypatch):
     """Small tensors go through one multi-tensor launch, a large one through its own; all bit-identical."""
-    monkeypatch.setattr(kernels, "MULTI_TENSOR_MAX_NUMEL", 2048)  # a "large" tensor the interpreter runs quickly
+    monkeypatch.setattr(launcher, "MULTI_TENSOR_MAX_NUMEL", 2048)  # a "large" tensor the interpreter runs quickly
     gen = torch.Generator().manual_seed(5)
-    sizes = PLAIN_SIZES + [(kernels.MULTI_TENSOR_MAX_NUMEL + 3,)]
+    sizes = PLAIN_SIZES + [(launcher.MULTI_TENSOR_MAX_NUMEL + 3,)]
 
     def make():
         ps = [torch.randn(s, generator=gen).to(param_dtype) for s in sizes]
@@ -218,12 +218,12 @@ def test_plain_steps_match_reference_single_and_grouped(optimizer, param_dtype, 
 
 def test_grouped_plain_launch_count(monkeypatch):
     """Five small tensors of 16k elements share one launch; a ragged small one and a big one get their own."""
-    monkeypatch.setattr(kernels, "MULTI_TENSOR_MAX_NUMEL", 2048)
+    monkeypatch.setattr(launcher, "MULTI_TENSOR_MAX_NUMEL", 2048)
     launched = []
-    real_launch = kernels.launch
-    monkeypatch.setattr(kernels, "launch", lambda spec, grid, **a: (launched.append(spec.name),
+    real_launch = launcher.launch
+    monkeypatch.setattr(launcher, "launch", lambda spec, grid, **a: (launched.append(spec.name),
                                                                      real_launch(spec, grid, **a)))
-    sizes = [(16,), (32,), (64,), (2, 8), (4, 32), (129,), (kernels.MULTI_TENSOR_MAX_NUMEL + 1,)]
+    sizes = [(16,), (32,), (64,), (2, 8), (4, 32), (129,), (launcher.MULTI_TENSOR_MAX_NUMEL + 1,)]
     ps = [torch.randn(s, device=DEVICE) for s in sizes]
     gs, ms, vs = ([torch.randn(s, device=DEVICE) for s in sizes] for _ in range(3))
     kernels.plain_adamw_steps_(ps, gs, ms, [v.abs() for v in vs], scalars=reference.adamw_scalars(step=1, **ADAM))
@@ -279,16 +279,16 @@ def test_optimizer_kernel_path_skips_nonfinite_step():
 
 def test_auto_backend_keeps_cpu_tensors_on_the_reference():
     """Under the interpreter, backend='auto' must not route CPU tensors to the (slow) interpreted kernels."""
-    from eco.optim import _select_backend
+    from eco.backends import select
 
     cpu_param = torch.zeros(3)
-    assert _select_backend("auto", cpu_param) is reference
+    assert select("auto", cpu_param) is reference
     assert not kernels.supports(cpu_param)
     if kernels.interpreter_enabled():
-        assert _select_backend("triton", cpu_param) is kernels
+        assert select("triton", cpu_param) is kernels
     else:
         with pytest.raises(RuntimeError, match="backend='triton' needs a CUDA tensor"):
-            _select_backend("triton", cpu_param)
+            select("triton", cpu_param)
 
 
 # ---------------------------------------------------------------- the specialization list
@@ -344,7 +344,7 @@ def test_reference_scales_use_ieee_division():
 
 
 def test_bytes_table_in_the_docstring_matches_step_bytes():
-    """The module docstring's bytes-per-parameter table is what ``step_bytes`` computes (large weight, bf16 grad)."""
+    """``eco.kernels.traffic``'s bytes-per-parameter table is what ``step_bytes`` computes (large weight, bf16 grad)."""
     shape = (4096, 4096)
     rows = {
         ("adamw", torch.bfloat16): {"FP8": (12, 19), "INT4": (11, 17.5)},
@@ -354,7 +354,7 @@ def test_bytes_table_in_the_docstring_matches_step_bytes():
     }
     for (optimizer, state), by_format in rows.items():
         for name, (grouped, rowwise) in by_format.items():
-            line = [ln for ln in kernels.__doc__.splitlines()
+            line = [ln for ln in traffic.__doc__.splitlines()
                     if ln.startswith(f"{'AdamW' if optimizer == 'adamw' else 'SGD'}, "
                                      f"{'bf16' if state == torch.bfloat16 else 'fp32'} m") and f" {name} " in ln]
             assert len(line) == 1 and f" {grouped:g} " in line[0] and f" {rowwise:g} (" in line[0], line

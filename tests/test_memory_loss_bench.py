@@ -1,4 +1,4 @@
-"""The memory/loss benchmark (eco.benchmark, ``eco-bench``): a tiny end-to-end run and its pieces."""
+"""The memory/loss benchmark (``eco_bench.memory_loss``, ``eco-bench``): a tiny end-to-end run and its pieces."""
 
 import dataclasses
 import json
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import eco
-from eco import benchmark as B
+from eco_bench import memory_loss as B
 
 TINY = ["--steps", "6", "--warmup", "2", "--d-model", "32", "--n-layers", "1", "--n-heads", "2",
         "--batch-size", "2", "--seq-len", "16", "--eval-every", "3", "--eval-batches", "1", "--seeds", "2",

@@ -211,8 +211,6 @@ SHAPE_ARGS = ("n_cols", "code_cols", "numel")
 # (scales, workspace, the multi-tensor table) are per row/group/tensor.
 STREAM_ARGS = ("codes_ptr", "grad_ptr", "exp_avg_ptr", "exp_avg_sq_ptr", "master_ptr", "src_ptr", "param_ptr",
                "out_ptr")
-_TYPE_BITS = {"u8": 8, "i8": 8, "bf16": 16, "fp16": 16, "fp32": 32, "i32": 32, "i64": 64}
-
 
 def build_for_spec(spec, target: str) -> KernelBuild:
     """The :class:`KernelBuild` of an ``eco.kernels.specs.KernelSpec`` for ``target``, in the aligned case.
@@ -233,9 +231,12 @@ def elements_per_thread(spec) -> int:
 
 def stream_element_bits(spec, arg: str) -> int:
     """Bits of one logical element in stream ``arg`` (INT4 codes: 4)."""
+    from eco.kernels.specs import TRITON_DTYPES  # here, not at the top: compile workers need no torch
+
     if arg == "codes_ptr" and spec.constexprs.get("IS_INT4"):
         return 4
-    return _TYPE_BITS[spec.signature[arg].lstrip("*")]
+    name = spec.signature[arg].lstrip("*")
+    return next(8 * dtype.itemsize for dtype, triton_name in TRITON_DTYPES.items() if triton_name == name)
 
 
 def widest_access_bits(spec, arg: str) -> int:
@@ -590,7 +591,7 @@ def compile_jobs(jobs: list[tuple[KernelBuild, str]], workers: int | None = None
     are needed; the SASS counts are then zero.
     """
     workers = max(1, min(len(jobs), workers or os.cpu_count() or 1))
-    from . import interpreter_enabled  # kernels defined under the interpreter cannot be compiled here
+    from eco.kernels.launcher import interpreter_enabled  # kernels defined under the interpreter cannot compile
 
     if workers == 1 and not interpreter_enabled():
         return [_compile_or_error(b, t, sass) for b, t in jobs]
@@ -599,7 +600,7 @@ def compile_jobs(jobs: list[tuple[KernelBuild, str]], workers: int | None = None
     for w in range(workers):
         payload = json.dumps({"sass": sass, "jobs": [{"build": dataclasses.asdict(b), "target": t}
                                                      for b, t in jobs[w::workers]]})
-        proc = subprocess.Popen([sys.executable, "-m", "eco.kernels.aot", "--worker"], stdin=subprocess.PIPE,
+        proc = subprocess.Popen([sys.executable, "-m", "eco_bench.aot", "--worker"], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         children.append((proc, payload))
     chunks = []
@@ -651,4 +652,4 @@ if __name__ == "__main__":
     if sys.argv[1:] == ["--worker"]:
         _worker()
     else:
-        sys.exit("usage: python -m eco.kernels.aot --worker   (driven by compile_builds; see bench/kernel_report.py)")
+        sys.exit("usage: python -m eco_bench.aot --worker   (driven by compile_builds; see bench/kernel_report.py)")
