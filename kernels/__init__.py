@@ -22,7 +22,7 @@ specialization), ``eco_step`` and ``e4m3`` (the Triton code).
 
 from __future__ import annotations
 
-from .launcher import SCALAR_SLOTS, has_kernel, interpreter_enabled, scalar_args, supports, unavailable_reason
+from .launcher import has_kernel, interpreter_enabled, supports, unavailable_reason
 from .steps import (
     adamw_step_,
     adamw_steps_,
@@ -39,7 +39,7 @@ from .steps import (
 from .traffic import plain_step_bytes, step_bytes
 
 __all__ = [
-    "supports", "unavailable_reason", "interpreter_enabled", "has_kernel", "codec_covers", "SCALAR_SLOTS",
-    "scalar_args", "adamw_step_", "sgd_step_", "adamw_steps_", "sgd_steps_", "plain_adamw_step_", "plain_sgd_step_",
+    "supports", "unavailable_reason", "interpreter_enabled", "has_kernel", "codec_covers",
+    "adamw_step_", "sgd_step_", "adamw_steps_", "sgd_steps_", "plain_adamw_step_", "plain_sgd_step_",
     "plain_adamw_steps_", "plain_sgd_steps_", "quantize", "dequantize", "step_bytes", "plain_step_bytes",
 ]
