@@ -22,11 +22,19 @@ gradients of the step are checked (one reduction, one host sync). With
 ``"skip"`` (default) a step with any NaN/inf gradient changes nothing (codes,
 scales, moments, step counts), warns, and is counted in
 ``optimizer.skipped_steps``; with ``"raise"`` it raises ``FloatingPointError``.
+
+A step either completes or changes nothing that can be checked beforehand:
+every group's options (also ones set after construction, a tensor ``lr``), the
+backend of every parameter, and every existing state against the parameter are
+checked before any state is created, any step count moves or any seed is drawn.
+``load_state_dict`` likewise checks everything before it changes anything.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
+from collections import defaultdict
 from collections.abc import Callable, Iterable
 
 import torch
@@ -61,11 +69,90 @@ def _all_finite(grads: list[torch.Tensor]) -> bool:
     return bool(torch.stack([e.float().to(grads[0].device) for e in extremes]).isfinite().all())
 
 
+#: torch.optim options that choose how a step is computed, not what it computes: dropped from a loaded state_dict
+_IMPLEMENTATION_OPTIONS = ("foreach", "fused", "capturable", "differentiable", "decoupled_weight_decay")
+
+#: set on the nn.Parameter that ``eco.quantize_`` replaced (eco/qparam.py)
+_REPLACED_MARK = "_eco_replaced_by_quantize"
+
+
+def _real(t: torch.Tensor) -> torch.Tensor:
+    """A complex tensor as its real view (``[..., 2]``), as torch.optim steps complex parameters."""
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+def _scalar(name: str, value: torch.Tensor) -> float:
+    if value.numel() != 1:
+        raise ValueError(f"Tensor {name} must be 1-element, got shape {tuple(value.shape)}")
+    return float(value)
+
+
+def _resolved(group: dict) -> dict:
+    """A copy of ``group`` with each tensor option (torch accepts a 1-element tensor ``lr``) as a Python float."""
+    out = dict(group)
+    for key, value in group.items():
+        if isinstance(value, torch.Tensor):
+            out[key] = _scalar(key, value)
+        elif isinstance(value, tuple) and any(isinstance(v, torch.Tensor) for v in value):
+            out[key] = tuple(_scalar(key, v) if isinstance(v, torch.Tensor) else v for v in value)
+    return out
+
+
+def _check_param(optimizer, p: torch.Tensor) -> None:
+    if getattr(p, _REPLACED_MARK, False):
+        raise RuntimeError(
+            f"{type(optimizer).__name__} holds a parameter of shape {tuple(p.shape)} that eco.quantize_ has since "
+            "replaced by a quantized one, so the model's weights would never train. Build the optimizer after "
+            "eco.quantize_(model, ...). Nothing was updated."
+        )
+    if not (p.is_floating_point() or p.is_complex()):
+        raise TypeError(
+            f"{type(optimizer).__name__} updates floating-point parameters (complex ones too); got a {p.dtype} tensor of "
+            f"shape {tuple(p.shape)}. Leave integer tensors out of the optimizer."
+        )
+
+
+def _shared_seed() -> int:
+    """A seed drawn from torch's global generator; under torch.distributed, rank 0's.
+
+    Replicas must round alike even when each rank seeds torch with its rank
+    (common for data order), so every rank takes rank 0's draw: building the
+    optimizer is then a collective, like building DDP.
+    """
+    seed = int(torch.randint(0, 2**62, (1,)).item())
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        box = [seed]
+        torch.distributed.broadcast_object_list(box, src=0)
+        seed = box[0]
+    return seed
+
+
+def _lossless(saved: torch.dtype, kept: torch.dtype) -> bool:
+    """Whether every value of dtype ``saved`` is exactly a value of dtype ``kept`` (bfloat16 -> float32)."""
+    if saved == kept:
+        return True
+    return saved.is_floating_point and kept.is_floating_point and torch.promote_types(saved, kept) == kept
+
+
+def _loaded_step(pid, value) -> int:
+    """A saved step count: eco saves an int, torch.optim a float tensor."""
+    step = value.item() if isinstance(value, torch.Tensor) else value
+    if not (isinstance(step, (int, float)) and math.isfinite(step) and step >= 0 and float(step).is_integer()):
+        raise ValueError(f"saved step of parameter {pid} is {value!r}, not a count of steps")
+    return int(step)
+
+
 class _ECOOptimizer(torch.optim.Optimizer):
     """Shared machinery: validation, state layout, RNG, non-finite policy, state_dict."""
 
     #: names of the per-parameter moment buffers, in the order the backend takes them
     moment_names: tuple[str, ...] = ()
+    #: torch.optim options and the value under which torch computes what this optimizer computes; a loaded
+    #: state_dict with another value is refused (a torch.optim state_dict is the migration path)
+    torch_equivalents: dict = {}
+    #: whether the update uses the step count (bias correction), so that a loaded state must have one
+    #: (torch.optim.SGD saves none)
+    update_counts_steps = True
 
     def __init__(self, params, defaults: dict, *, state_dtype, seed, generator, nonfinite, backend):
         if state_dtype not in STATE_DTYPES:
@@ -73,67 +160,102 @@ class _ECOOptimizer(torch.optim.Optimizer):
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
         backends.resolve(backend)  # a bad backend= or ECO_BACKEND fails here, not at the first step
-        check_rounding(defaults["rounding"])
+        self._validate_group(_resolved(defaults))  # bad options fail before the params are looked at, as in torch
         self.state_dtype = state_dtype
         self.nonfinite = nonfinite
         self.backend = backend
         self.skipped_steps = 0
         if generator is None:
-            if seed is None:
-                seed = int(torch.randint(0, 2**62, (1,)).item())  # follows torch.manual_seed
-            generator = torch.Generator().manual_seed(seed)
+            generator = torch.Generator().manual_seed(_shared_seed() if seed is None else seed)
         if generator.device.type != "cpu":
             raise ValueError("generator must be a CPU torch.Generator (it only draws per-step seeds)")
         self.generator = generator
         super().__init__(params, defaults)
 
+    # ------------------------------------------------------------ pickling, copy.deepcopy
+    _ECO_ATTRIBUTES = ("state_dtype", "nonfinite", "backend", "skipped_steps", "generator")
+
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), **{name: getattr(self, name) for name in self._ECO_ATTRIBUTES}}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:  # a pickle from an older version lacks newer options
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+
     # ------------------------------------------------------------ param groups
     def add_param_group(self, param_group: dict) -> None:
-        params = param_group["params"]
-        params = [params] if isinstance(params, torch.Tensor) else list(params)
-        param_group = {**param_group, "params": params}  # a generator is consumed once, here
-        for p in params:
-            if not p.is_floating_point():
-                raise TypeError(
-                    f"{type(self).__name__} updates floating-point parameters; got a {p.dtype} tensor of "
-                    f"shape {tuple(p.shape)}. Leave integer tensors out of the optimizer."
-                )
-        merged = {**self.defaults, **param_group}
-        self._validate_group(merged)
-        super().add_param_group(param_group)
+        super().add_param_group(param_group)  # torch's checks; (name, param) pairs become params + param_names
+        try:
+            for p in self.param_groups[-1]["params"]:
+                _check_param(self, p)
+            self._validate_group(_resolved(self.param_groups[-1]))
+        except Exception:
+            self.param_groups.pop()
+            raise
 
     def _validate_group(self, group: dict) -> None:
-        if not 0.0 <= group["lr"]:
-            raise ValueError(f"lr must be >= 0, got {group['lr']}")
-        if group["weight_decay"] < 0.0:
-            raise ValueError(f"weight_decay must be >= 0, got {group['weight_decay']}")
+        """Refuse bad options of ``group`` (tensor options already floats); NaN fails every check."""
+        if not (0.0 <= group["lr"] < math.inf):
+            raise ValueError(f"lr must be >= 0 and finite, got {group['lr']}")
+        if not (0.0 <= group["weight_decay"] < math.inf):
+            raise ValueError(f"weight_decay must be >= 0 and finite, got {group['weight_decay']}")
         check_rounding(group["rounding"])
 
     # ------------------------------------------------------------ state
+    def _state_layout(self, p: torch.Tensor, group: dict) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Shape and dtype of each state tensor of ``p``: what a fresh state holds and a saved one must match."""
+        shape = tuple(_real(p).shape) if not isinstance(p, QuantizedTensor) else tuple(p.shape)
+        layout = {name: (shape, self.state_dtype) for name in self.moment_names}
+        if isinstance(p, QuantizedTensor) and group["master_weights"]:
+            layout["master"] = (shape, torch.float32)
+        return layout
+
     def _state_for(self, p: torch.Tensor, group: dict) -> dict:
         state = self.state[p]
         if not state:
             state["step"] = 0
-            for name in self.moment_names:
-                state[name] = torch.zeros(p.shape, dtype=self.state_dtype, device=p.device)
-            if isinstance(p, QuantizedTensor):
-                if group["master_weights"]:
-                    state["master"] = p.dequantize(torch.float32)
+            for name, (shape, dtype) in self._state_layout(p, group).items():
+                state[name] = (p.dequantize(torch.float32) if name == "master"
+                               else torch.zeros(shape, dtype=dtype, device=p.device))
         return state
+
+    def _check_state(self, p: torch.Tensor, group: dict) -> None:
+        """An existing state must still fit ``p`` and the options (they may have changed since it was made)."""
+        state = self.state.get(p)
+        if not state:
+            return
+        for name, (shape, dtype) in self._state_layout(p, group).items():
+            kept = state.get(name)
+            if not isinstance(kept, torch.Tensor) or tuple(kept.shape) != shape or kept.dtype != dtype:
+                found = f"{tuple(kept.shape)} {kept.dtype}" if isinstance(kept, torch.Tensor) else "missing"
+                raise RuntimeError(
+                    f"the {name!r} state of a parameter of shape {tuple(p.shape)} is {found} but this optimizer "
+                    f"keeps {shape} {dtype}: the parameter or the optimizer's options changed after its first "
+                    "step. Nothing was updated."
+                )
 
     def _next_seed(self) -> int:
         return int(torch.randint(0, 2**62, (1,), generator=self.generator).item())
 
     # ------------------------------------------------------------ step
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def _checked_work(self) -> list:
+        """``(group, param, backend)`` for each parameter to step, after every check that needs no arithmetic.
+
+        ``group`` is a copy with tensor options as floats. Nothing is changed
+        here, so a step that fails a check leaves states, step counts and the
+        generator as they were.
+        """
         work = []
-        for group in self.param_groups:
+        for index, group in enumerate(self.param_groups):
+            resolved = _resolved(group)
+            try:
+                self._validate_group(resolved)
+            except ValueError as error:
+                raise ValueError(f"param group {index}: {error}. Nothing was updated.") from error
             for p in group["params"]:
+                _check_param(self, p)
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
@@ -141,8 +263,18 @@ class _ECOOptimizer(torch.optim.Optimizer):
                         f"{type(self).__name__} does not support sparse gradients; use dense gradients "
                         "(for nn.Embedding, sparse=False)"
                     )
-                work.append((group, p))
-        if not _all_finite([p.grad for _, p in work]):
+                self._check_state(p, resolved)
+                work.append((resolved, p, backends.select(self.backend, p)))
+        return work
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = self._checked_work()
+        if not _all_finite([_real(p.grad) for _, p, _ in work]):
             if self.nonfinite == "raise":
                 raise FloatingPointError(
                     "a gradient holds NaN or inf; nothing was updated. Lower the learning rate, clip or "
@@ -157,10 +289,9 @@ class _ECOOptimizer(torch.optim.Optimizer):
         # One backend call per (backend, group, step count[, format]); the backend groups by dtypes itself.
         plain_batches: dict = {}
         quantized_batches: dict = {}  # seeds drawn here, in parameter order
-        for group, p in work:
+        for group, p, backend in work:
             state = self._state_for(p, group)
             state["step"] += 1
-            backend = backends.select(self.backend, p)
             if isinstance(p, QuantizedTensor):
                 seed = self._next_seed() if group["rounding"] == "stochastic" else None
                 key = (backend.__name__, id(group), state["step"], p.fmt)
@@ -185,7 +316,7 @@ class _ECOOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
     def _step_plain(self, backend, params, states, group, step):  # pragma: no cover - abstract
-        """Plain update of ``params`` (same group and step count) in one backend call."""
+        """Plain update of ``params`` (same group and step count; complex ones as real views) in one backend call."""
         raise NotImplementedError
 
     # ------------------------------------------------------------ state_dict
@@ -197,25 +328,118 @@ class _ECOOptimizer(torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load, keeping every state tensor's saved dtype (torch would cast it to the param's)."""
-        state_dict = dict(state_dict)
+        """Load a state_dict of this optimizer, or of ``torch.optim.AdamW``/``SGD`` (the migration path).
+
+        Everything is checked before anything changes: the model (group and
+        parameter counts, shapes) and quantization formats; each saved state
+        tensor against what this optimizer keeps (a dtype is converted only when
+        that is exact, e.g. bfloat16 -> float32: a saved state is never rounded
+        into another ``state_dtype``); NaN/inf in saved states; the options of
+        each group. Saved group options win, as in torch; options the saved
+        group lacks (a torch state_dict has no ``rounding``) keep their current
+        values. Unlike torch, state tensors are not cast to the parameter's dtype.
+        """
+        state_dict = state_dict.copy()
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         generator_state = state_dict.pop("eco_generator_state", None)
         skipped = state_dict.pop("eco_skipped_steps", 0)
         formats = state_dict.pop("eco_formats", None)
         self._check_compatible(state_dict, formats)
-        saved_dtypes = {
-            pid: {k: v.dtype for k, v in st.items() if isinstance(v, torch.Tensor)}
-            for pid, st in state_dict["state"].items()
-        }
+        groups = [self._loaded_group(saved, current)
+                  for saved, current in zip(state_dict["param_groups"], self.param_groups, strict=True)]
+        group_of = {id(p): g for g in groups for p in g["params"]}
         id_to_param = self._saved_id_to_param(state_dict)
-        super().load_state_dict(state_dict)
-        for pid, dtypes in saved_dtypes.items():
-            st = self.state[id_to_param[pid]]
-            for key, dtype in dtypes.items():
-                st[key] = st[key].to(dtype)
+        state: defaultdict = defaultdict(dict)
+        for pid, saved in state_dict["state"].items():
+            p = id_to_param.get(pid)
+            state[p if p is not None else pid] = (saved if p is None
+                                                  else self._loaded_state(pid, saved, p, group_of[id(p)]))
+        self._check_finite_states(state)
+        # everything checked: from here on nothing can fail
+        self.state = state
+        self.param_groups = groups
         if generator_state is not None:
             self.generator.set_state(generator_state)
         self.skipped_steps = skipped
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _loaded_group(self, saved: dict, current: dict) -> dict:
+        group = {k: v for k, v in saved.items() if k not in _IMPLEMENTATION_OPTIONS}
+        for name, value in self.torch_equivalents.items():
+            if name in group and group.pop(name) != value:
+                raise ValueError(
+                    f"this state_dict was saved with {name}={saved[name]!r}, which {type(self).__name__} does not "
+                    f"implement (it computes what torch.optim does with {name}={value!r})"
+                )
+        self._adopt_torch_options(group)
+        for key, value in current.items():
+            group.setdefault(key, value)
+        group["params"] = current["params"]
+        try:
+            self._validate_group(_resolved(group))
+        except ValueError as error:
+            raise ValueError(f"a saved param group has a bad option: {error}") from error
+        return group
+
+    def _adopt_torch_options(self, group: dict) -> None:
+        """Turn a loaded group's torch.optim options into this optimizer's, or refuse them (in place)."""
+
+    def _loaded_state(self, pid, saved: dict, p: torch.Tensor, group: dict) -> dict:
+        """``saved`` (the state of parameter ``pid``) checked against what this optimizer keeps for ``p``."""
+        if not saved:
+            return {}
+        layout = self._state_layout(p, group)
+        missing = [name for name in layout if not isinstance(saved.get(name), torch.Tensor)]
+        if missing:
+            raise ValueError(
+                f"saved state of parameter {pid} lacks {', '.join(map(repr, missing))}: not a state_dict of a "
+                f"{type(self).__name__} with these options (master_weights={group['master_weights']})"
+            )
+        if "step" not in saved and self.update_counts_steps:
+            raise ValueError(f"saved state of parameter {pid} has no 'step': its bias correction is unknown")
+        out = {"step": 0}
+        for key, value in saved.items():
+            if key == "step":
+                out[key] = _loaded_step(pid, value)
+                continue
+            if not isinstance(value, torch.Tensor):
+                out[key] = value
+                continue
+            if key not in layout:
+                raise ValueError(
+                    f"saved state of parameter {pid} has {key!r}, which this {type(self).__name__} does not keep: "
+                    "it was saved with other options"
+                )
+            shape, dtype = layout[key]
+            if tuple(value.shape) != shape:
+                raise ValueError(
+                    f"saved {key} of parameter {pid} has shape {tuple(value.shape)} but the parameter "
+                    f"has shape {tuple(p.shape)}: the state_dict belongs to another model"
+                )
+            if not _lossless(value.dtype, dtype):
+                raise ValueError(
+                    f"saved {key} of parameter {pid} is {value.dtype} but this optimizer keeps it in {dtype} "
+                    f"(state_dtype={self.state_dtype}); converting would round the saved state. Build the "
+                    "optimizer with the options it was saved with to resume."
+                )
+            out[key] = value.to(device=p.device, dtype=dtype)
+        return out
+
+    @staticmethod
+    def _check_finite_states(state: dict) -> None:
+        tensors = [(p, k, v) for p, st in state.items() if isinstance(p, torch.Tensor)
+                   for k, v in st.items() if isinstance(v, torch.Tensor) and v.is_floating_point()]
+        if _all_finite([v for _, _, v in tensors]):
+            return
+        bad = next(k for _, k, v in tensors if not _all_finite([v]))
+        raise ValueError(
+            f"a saved {bad!r} state holds NaN or inf: stepping from it would write NaN or zeros into the weights. "
+            "Resume from an earlier checkpoint. Nothing was loaded."
+        )
 
     def _formats(self) -> list:
         """The quantization format of every parameter, in param-group order (None: unquantized)."""
@@ -237,20 +461,6 @@ class _ECOOptimizer(torch.optim.Optimizer):
                 "this optimizer state_dict has a different number of parameter groups or parameters; "
                 "it belongs to another model or optimizer setup"
             )
-        for pid, p in self._saved_id_to_param(state_dict).items():
-            saved = state_dict["state"].get(pid)
-            if not saved:
-                continue
-            for name in self.moment_names:
-                if name not in saved:
-                    raise ValueError(
-                        f"saved state of parameter {pid} lacks {name!r}: not a {type(self).__name__} state_dict"
-                    )
-                if tuple(saved[name].shape) != tuple(p.shape):
-                    raise ValueError(
-                        f"saved {name} of parameter {pid} has shape {tuple(saved[name].shape)} but the parameter "
-                        f"has shape {tuple(p.shape)}: the state_dict belongs to another model"
-                    )
         if formats is not None:
             for index, (saved_fmt, current_fmt) in enumerate(zip(formats, self._formats(), strict=False)):
                 if saved_fmt != current_fmt:
@@ -272,11 +482,14 @@ class AdamW(_ECOOptimizer):
         master_weights: ``True`` keeps an fp32 master copy (the baseline ECO removes).
         decay_corrected_injection: multiply the injection by ``1 - lr*wd`` (the paper form is the default).
         seed, generator: make stochastic rounding reproducible (a CPU generator draws one seed per step and tensor).
+            Without either, the seed comes from ``torch.manual_seed``; under an initialized ``torch.distributed``
+            from rank 0, so that replicas round alike (every rank must then build the optimizer).
         nonfinite: ``"skip"`` or ``"raise"`` on NaN/inf gradients (see module docstring).
         backend: ``"auto"``, ``"reference"``, ``"compiled"`` or ``"triton"`` (see module docstring).
     """
 
     moment_names = ("exp_avg", "exp_avg_sq")
+    torch_equivalents = {"amsgrad": False, "maximize": False}
 
     def __init__(
         self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
@@ -298,8 +511,8 @@ class AdamW(_ECOOptimizer):
         beta1, beta2 = group["betas"]
         if not (0.0 < beta1 < 1.0 and 0.0 <= beta2 < 1.0):
             raise ValueError(f"betas must satisfy 0 < beta1 < 1 and 0 <= beta2 < 1, got {group['betas']}")
-        if group["eps"] <= 0.0:
-            raise ValueError(f"eps must be > 0, got {group['eps']}")
+        if not (0.0 < group["eps"] < math.inf):
+            raise ValueError(f"eps must be > 0 and finite, got {group['eps']}")
 
     def _scalars(self, group, step, inject):
         beta1, beta2 = group["betas"]
@@ -318,8 +531,8 @@ class AdamW(_ECOOptimizer):
 
     def _step_plain(self, backend, params, states, group, step):
         backend.plain_adamw_steps_(
-            params, [p.grad for p in params], [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
-            scalars=self._scalars(group, step, inject=False),
+            [_real(p) for p in params], [_real(p.grad) for p in params], [st["exp_avg"] for st in states],
+            [st["exp_avg_sq"] for st in states], scalars=self._scalars(group, step, inject=False),
         )
 
 
@@ -333,6 +546,8 @@ class SGD(_ECOOptimizer):
     """
 
     moment_names = ("momentum_buffer",)
+    torch_equivalents = {"maximize": False, "nesterov": False}
+    update_counts_steps = False
 
     def __init__(
         self, params: Iterable, lr: float = 1e-2, momentum: float = 0.9, weight_decay: float = 0.0, *,
@@ -358,6 +573,15 @@ class SGD(_ECOOptimizer):
                 "pass momentum (e.g. 0.9), or error_feedback=False for the naive baseline"
             )
 
+    def _adopt_torch_options(self, group):
+        dampening = group.pop("dampening", None)
+        if dampening is not None and dampening != group.get("momentum"):
+            raise ValueError(
+                f"this state_dict was saved by torch.optim.SGD with dampening={dampening} and momentum="
+                f"{group.get('momentum')}: its momentum buffer is not eco.SGD's moving average (torch.optim.SGD with "
+                "dampening=momentum), so the run cannot be resumed exactly"
+            )
+
     def _scalars(self, group, inject):
         return reference.sgd_scalars(
             lr=group["lr"], momentum=group["momentum"], weight_decay=group["weight_decay"], inject=inject
@@ -371,5 +595,5 @@ class SGD(_ECOOptimizer):
         )
 
     def _step_plain(self, backend, params, states, group, step):
-        backend.plain_sgd_steps_(params, [p.grad for p in params], [st["momentum_buffer"] for st in states],
-                                 scalars=self._scalars(group, inject=False))
+        backend.plain_sgd_steps_([_real(p) for p in params], [_real(p.grad) for p in params],
+                                 [st["momentum_buffer"] for st in states], scalars=self._scalars(group, inject=False))

@@ -257,6 +257,7 @@ def quantize_(
         qparam = nn.Parameter(QuantizedTensor.from_float(param, fmt), requires_grad=param.requires_grad)
         for mod, lf, _ in places:
             setattr(mod, lf, qparam)
+        param._eco_replaced_by_quantize = True  # an optimizer still holding it refuses to step (eco/optim.py)
     from ._transformers_hook import attach_if_transformers_model
 
     attach_if_transformers_model(model)  # save_pretrained writes codes and scales (eco.hf)

@@ -113,7 +113,7 @@ def _sqrt_rn(x: torch.Tensor) -> torch.Tensor:
     torch.compile generates (``eco.compiled``, checked by its tests).
     """
     if x.device.type == "cpu" and not torch.compiler.is_compiling():
-        return torch.from_numpy(np.sqrt(x.numpy()))
+        return torch.from_numpy(np.asarray(np.sqrt(x.numpy())))  # np.sqrt of a 0-d array is a numpy scalar
     return torch.sqrt(x)
 
 
