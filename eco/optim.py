@@ -107,8 +107,8 @@ def _check_param(optimizer, p: torch.Tensor) -> None:
         )
     if not (p.is_floating_point() or p.is_complex()):
         raise TypeError(
-            f"{type(optimizer).__name__} updates floating-point parameters (complex ones too); got a {p.dtype} tensor of "
-            f"shape {tuple(p.shape)}. Leave integer tensors out of the optimizer."
+            f"{type(optimizer).__name__} updates floating-point parameters (complex ones too); got a {p.dtype} "
+            f"tensor of shape {tuple(p.shape)}. Leave integer tensors out of the optimizer."
         )
 
 
