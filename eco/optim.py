@@ -206,8 +206,8 @@ class _ECOOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------ state
     def _state_layout(self, p: torch.Tensor, group: dict) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Shape and dtype of each state tensor of ``p``: what a fresh state holds and a saved one must match."""
-        shape = tuple(_real(p).shape) if not isinstance(p, QuantizedTensor) else tuple(p.shape)
-        layout = {name: (shape, self.state_dtype) for name in self.moment_names}
+        shape = p.shape + (2,) if p.is_complex() else p.shape  # complex: the real view's
+        layout = dict.fromkeys(self.moment_names, (shape, self.state_dtype))
         if isinstance(p, QuantizedTensor) and group["master_weights"]:
             layout["master"] = (shape, torch.float32)
         return layout
@@ -226,15 +226,21 @@ class _ECOOptimizer(torch.optim.Optimizer):
         state = self.state.get(p)
         if not state:
             return
-        for name, (shape, dtype) in self._state_layout(p, group).items():
-            kept = state.get(name)
-            if not isinstance(kept, torch.Tensor) or tuple(kept.shape) != shape or kept.dtype != dtype:
-                found = f"{tuple(kept.shape)} {kept.dtype}" if isinstance(kept, torch.Tensor) else "missing"
-                raise RuntimeError(
-                    f"the {name!r} state of a parameter of shape {tuple(p.shape)} is {found} but this optimizer "
-                    f"keeps {shape} {dtype}: the parameter or the optimizer's options changed after its first "
-                    "step. Nothing was updated."
-                )
+        layout = self._state_layout(p, group)
+        if len(state) == len(layout) + 1:  # the usual case, cheaply: "step" and the layout's tensors
+            for name, (shape, dtype) in layout.items():
+                kept = state.get(name)
+                if not isinstance(kept, torch.Tensor) or kept.shape != shape or kept.dtype != dtype:
+                    break
+            else:
+                return
+        kept = {name: (tuple(t.shape), t.dtype) for name, t in state.items() if isinstance(t, torch.Tensor)}
+        if kept != layout:
+            raise RuntimeError(
+                f"the state of a parameter of shape {tuple(p.shape)} holds {kept} but this optimizer keeps "
+                f"{layout}: the parameter or the optimizer's options changed after its first step. Nothing was "
+                "updated."
+            )
 
     def _next_seed(self) -> int:
         return int(torch.randint(0, 2**62, (1,), generator=self.generator).item())

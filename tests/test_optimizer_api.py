@@ -258,9 +258,20 @@ def _parameter_reshaped(model, opt):
     return RuntimeError, "changed after its first step"
 
 
+def _master_weights_set_later(model, opt):
+    opt.param_groups[1]["master_weights"] = True  # the quantized weight of group 1 has no master copy
+    return RuntimeError, "changed after its first step"
+
+
+def _state_dtype_set_later(model, opt):
+    opt.state_dtype = torch.bfloat16
+    return RuntimeError, "changed after its first step"
+
+
 @pytest.mark.parametrize("name", OPTIMIZERS)
 @pytest.mark.parametrize("spoil", [_rounding_set_later, _lr_tensor_set_later, _nan_lr_set_later,
-                                   _unavailable_backend, _parameter_reshaped])
+                                   _unavailable_backend, _parameter_reshaped, _master_weights_set_later,
+                                   _state_dtype_set_later])
 def test_a_step_that_fails_changes_nothing(name, spoil):
     """Item 5: everything that can be checked is checked for all groups before any state changes."""
     model = model_with_extras()
