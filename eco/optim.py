@@ -36,6 +36,7 @@ import math
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+from copy import deepcopy
 
 import torch
 
@@ -70,7 +71,7 @@ def _all_finite(grads: list[torch.Tensor]) -> bool:
 
 
 #: torch.optim options that choose how a step is computed, not what it computes: dropped from a loaded state_dict
-_IMPLEMENTATION_OPTIONS = ("foreach", "fused", "capturable", "differentiable", "decoupled_weight_decay")
+_IMPLEMENTATION_OPTIONS = ("foreach", "fused", "capturable", "differentiable")
 
 #: set on the nn.Parameter that ``eco.quantize_`` replaced (eco/qparam.py)
 _REPLACED_MARK = "_eco_replaced_by_quantize"
@@ -374,7 +375,7 @@ class _ECOOptimizer(torch.optim.Optimizer):
             post_hook(self)
 
     def _loaded_group(self, saved: dict, current: dict) -> dict:
-        group = {k: v for k, v in saved.items() if k not in _IMPLEMENTATION_OPTIONS}
+        group = deepcopy({k: v for k, v in saved.items() if k not in ("params", *_IMPLEMENTATION_OPTIONS)})
         for name, value in self.torch_equivalents.items():
             if name in group and group.pop(name) != value:
                 raise ValueError(
@@ -519,6 +520,10 @@ class AdamW(_ECOOptimizer):
             raise ValueError(f"betas must satisfy 0 < beta1 < 1 and 0 <= beta2 < 1, got {group['betas']}")
         if not (0.0 < group["eps"] < math.inf):
             raise ValueError(f"eps must be > 0 and finite, got {group['eps']}")
+
+    def _adopt_torch_options(self, group):
+        # as torch.optim.AdamW, take a torch.optim.Adam state too: this optimizer's weight decay is decoupled
+        group.pop("decoupled_weight_decay", None)
 
     def _scalars(self, group, step, inject):
         beta1, beta2 = group["betas"]
