@@ -67,25 +67,27 @@ def test_forward_matches_dequantized_model_and_grads_are_plain_tensors():
     assert model.gate_up_proj.grad[2].abs().sum() == 0
 
 
-def test_expert_indexing_dequantizes_only_the_selected_expert():
+def test_expert_indexing_gives_quantized_views_that_dequantize_only_the_selected_experts(monkeypatch):
     qt = eco.QuantizedTensor.from_float(torch.randn(4, 8, 16), eco.INT4())
+    one, some, sliced = qt[2], qt[torch.tensor([0, 3])], qt[1:3]
+    for view in (one, some, sliced):
+        assert isinstance(view, eco.QuantizedTensor)
+    # Select and slice are views of the codes themselves; no codes were copied.
+    assert one.codes.untyped_storage().data_ptr() == qt.codes.untyped_storage().data_ptr()
+    assert sliced.codes.untyped_storage().data_ptr() == qt.codes.untyped_storage().data_ptr()
     calls = []
-    original = eco.QuantizedTensor.dequantize
+    original = eco.qparam._dequantize
 
-    def spy(self, dtype=None):
-        calls.append(tuple(self.shape))
-        return original(self, dtype)
+    def spy(fmt, codes, scales, shape, dtype):
+        calls.append(tuple(shape))
+        return original(fmt, codes, scales, shape, dtype)
 
-    eco.QuantizedTensor.dequantize = spy
-    try:
-        one = qt[2]
-        some = qt[torch.tensor([0, 3])]
-        sliced = qt[1:3]
-    finally:
-        eco.QuantizedTensor.dequantize = original
+    monkeypatch.setattr(eco.qparam, "_dequantize", spy)
+    values = [one.dequantize(), some.dequantize(), sliced.dequantize()]
     assert calls == [(8, 16), (2, 8, 16), (2, 8, 16)]
     full = qt.dequantize()
-    assert torch.equal(one, full[2]) and torch.equal(some, full[[0, 3]]) and torch.equal(sliced, full[1:3])
+    for value, expected in zip(values, (full[2], full[[0, 3]], full[1:3]), strict=True):
+        assert type(value) is torch.Tensor and torch.equal(value, expected)
 
 
 def test_state_dict_round_trip_through_torch_save():
