@@ -31,13 +31,16 @@ knows nothing about optimizers.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import itertools
 from collections.abc import Callable
 
 import torch
 import torch.nn as nn
 from torch.utils._python_dispatch import _disable_current_modes
 from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils.checkpoint import CheckpointPolicy
 
 from . import backends
 from .formats import QuantFormat, format_from_config
@@ -54,6 +57,28 @@ def _quantize(fmt: QuantFormat, x: torch.Tensor, rounding: str = "nearest", gene
 
 def _dequantize(fmt: QuantFormat, codes, scales, shape, dtype) -> torch.Tensor:
     return backends.dequantize(codes, scales, fmt, shape, dtype)
+
+
+@contextlib.contextmanager
+def _recomputed_in_backward():
+    """Under torch.compile, mark the graph nodes made inside as "recompute in backward".
+
+    Eager autograd saves the quantized view and backward dequantizes again. A compiled graph is partitioned
+    by AOTAutograd instead, which would save the dequantized weight for the backward matmul (it never
+    recomputes a value that backward must materialize anyway). The tag is the one selective activation
+    checkpointing uses; the partitioner then saves the codes and scales (inputs, no new memory).
+    """
+    from torch.fx.experimental.proxy_tensor import get_proxy_mode
+
+    mode = get_proxy_mode()
+    if mode is None:
+        yield
+        return
+    graph = mode.tracer.graph
+    before = len(graph.nodes)
+    yield
+    for node in itertools.islice(reversed(graph.nodes), len(graph.nodes) - before):
+        node.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
 
 
 class QuantizedTensor(torch.Tensor):
@@ -99,10 +124,11 @@ class QuantizedTensor(torch.Tensor):
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The represented values as an ordinary tensor (logical dtype by default)."""
-        codes, scales = self._read()
-        out = _dequantize(self.fmt, codes, scales, self._stored_shape, dtype or self.dtype)
-        for func, args, kwargs in self._post:
-            out = func(out, *args, **kwargs)
+        with _recomputed_in_backward():
+            codes, scales = self._read()
+            out = _dequantize(self.fmt, codes, scales, self._stored_shape, dtype or self.dtype)
+            for func, args, kwargs in self._post:
+                out = func(out, *args, **kwargs)
         return out
 
     def _read(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,6 +215,7 @@ class QuantizedTensor(torch.Tensor):
         return out
 
     @classmethod
+    @torch._disable_dynamo  # runs eagerly (or is traced by AOTAutograd), never compiled as a frame of its own
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         handler = _HANDLERS.get(func)
