@@ -137,11 +137,6 @@ class QuantizedTensor(torch.Tensor):
             return self.codes, self.scales
         return _take_rows(self.fmt, self.codes, self.scales, lambda t: t[self._rows])
 
-    @property
-    def is_view_of_quantized(self) -> bool:
-        """True for a view (``w.t()``, ``w[e]``, ...) of another quantized tensor."""
-        return self._root is not None
-
     def __repr__(self):
         kind = "view, " if self._root is not None else ""
         return (f"QuantizedTensor({self.fmt}, {kind}shape={tuple(self.shape)}, dtype={self.dtype}, "
@@ -291,6 +286,8 @@ def _view(parent: QuantizedTensor, func, args: tuple, kwargs: dict) -> Quantized
     else:
         post = parent._post + (op,)
         shape, strides, offset = _geometry(parent._stored_shape, post)
+        if (shape, strides, offset) == (parent.shape, parent.stride(), parent.storage_offset()):
+            return _alias(parent)  # view(same shape), as_strided to itself (DTensor.to_local): no op to record
         out = QuantizedTensor(parent.codes, parent.scales, parent.fmt, shape, parent.dtype,
                               strides=strides, storage_offset=offset)
         out._rows = parent._rows
@@ -453,16 +450,30 @@ def _copy_(func, args, kwargs):
     if (isinstance(src, QuantizedTensor) and src.fmt == dst.fmt and not src._post and not dst._post
             and dst._rows is None and src.shape == dst.shape):
         src_codes, src_scales = src._read()
-        shares_scale = dst.fmt.tensorwise and dst.codes.dim() == 2 and dst._root is not None and (
-            dst._stored_shape[-2] != dst._root._stored_shape[-2])
-        if not shares_scale:
+        root = dst._root
+        if not (dst.fmt.tensorwise and root is not None and dst.codes.dim() == 2
+                and dst._stored_shape[-2] != root._stored_shape[-2]):
             dst.codes.copy_(src_codes)
             dst.scales.copy_(src_scales)
             return dst
-        if torch.equal(dst.scales, src_scales.to(dst.device)):  # rows of a tensor-wise matrix, same scale
+        # Rows of a tensor-wise 2-D matrix (a shard, as DCP loads a checkpoint saved with another sharding):
+        # the source's scale becomes the matrix's, so every chunk copied in lands exactly.
+        if root.dim() == 2 and root.device.type != "meta":
+            src_scales = src_scales.to(dst.device)
+            if not torch.equal(dst.scales, src_scales):
+                _express_in_scale(root, src_scales)
             dst.codes.copy_(src_codes)
             return dst
     return _run_dequantized(func, args, kwargs)
+
+
+def _express_in_scale(root: QuantizedTensor, scale: torch.Tensor) -> None:
+    """Re-round a tensor-wise matrix to the grid of ``scale`` (round-to-nearest, clamped to the grid)."""
+    fmt = root.fmt
+    values = root.dequantize(torch.float32)
+    grid = fmt.round_nearest((values / scale).clamp(-fmt.rho, fmt.rho))
+    root.codes.copy_(fmt.encode(grid))
+    root.scales.copy_(scale)
 
 
 @_handles(aten.index.Tensor)

@@ -176,3 +176,27 @@ def test_index_put_on_the_weight_itself():
     with torch.no_grad():
         w[torch.tensor([2])] = x
     assert torch.equal(w.codes[2].view(torch.uint8), fmt.quantize(x)[0].view(torch.uint8))
+
+
+def test_copy_of_quantized_row_chunks_into_a_tensor_wise_matrix_is_exact_in_any_order():
+    """DCP loads a checkpoint saved with another sharding chunk by chunk into row ranges (FSDP2)."""
+    fmt = eco.INT4()
+    saved = quantized((6, 32), fmt)
+    for order in ((0, 1, 2), (2, 0, 1)):
+        target = quantized((6, 32), fmt)
+        chunks = saved.split(2)
+        with torch.no_grad():
+            for i in order:
+                target[2 * i:2 * i + 2].copy_(chunks[i])
+        assert torch.equal(target.codes, saved.codes) and torch.equal(target.scales, saved.scales)
+
+
+def test_a_view_to_the_same_shape_is_the_tensor_itself():
+    """``view(same shape)`` (DTensor.to_local) records nothing: a copy of it is still quantized."""
+    w = quantized((4, 32), eco.FP8())
+    same = w.view(4, 32)
+    assert isinstance(same, eco.QuantizedTensor) and not same._post and same.codes is w.codes
+    assert isinstance(same.clone(), eco.QuantizedTensor)
+    with torch.no_grad():
+        same.zero_()
+    assert not w.dequantize().any()
