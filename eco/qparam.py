@@ -32,9 +32,12 @@ knows nothing about optimizers.
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import inspect
 import itertools
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -195,6 +198,18 @@ class QuantizedTensor(torch.Tensor):
         out._post = post
         return out
 
+    def _stable_hash_for_caching(self) -> str:
+        """AOTAutograd's cache key for graphs taking this tensor: its layout and eco's own code.
+
+        A compiled graph holds eco's dispatch code traced (dequantize, views); without the code in the key a
+        cache written by another eco version would be reused.
+        """
+        inner = [getattr(self, name) for name in self.__tensor_flatten__()[0]]
+        payload = (self.fmt.config(), tuple(self.shape), self.stride(), str(self.dtype), self.requires_grad,
+                   tuple(self._stored_shape), repr(self._post), _eco_source_digest(),
+                   [(tuple(t.shape), t.stride(), str(t.dtype), t.device.type) for t in inner])
+        return hashlib.blake2b(repr(payload).encode(), digest_size=16).hexdigest()
+
     def __reduce_ex__(self, protocol):
         if not self._is_whole_storage():
             return _clone(aten.clone.default, (self,), {}).__reduce_ex__(protocol)
@@ -219,6 +234,18 @@ class QuantizedTensor(torch.Tensor):
         if _is_plain_view(func) and isinstance(args[0], QuantizedTensor):
             return _view(args[0], func, args[1:], kwargs)
         return _run_dequantized(func, args, kwargs)
+
+
+@functools.cache
+def _eco_source_digest() -> str:
+    """A digest of eco's Python sources (the package and its kernels)."""
+    import eco.kernels
+
+    digest = hashlib.blake2b(digest_size=16)
+    for folder in (Path(__file__).parent, Path(eco.kernels.__file__).parent):
+        for source in sorted(folder.glob("*.py")):
+            digest.update(source.read_bytes())
+    return digest.hexdigest()
 
 
 def _rebuild_quantized(codes, scales, fmt_config, shape, dtype_name, requires_grad, codes_dtype_name=None):

@@ -258,3 +258,14 @@ def test_checkpoints_pickled_before_codes_travelled_as_uint8_still_load():
     qt = eco.QuantizedTensor.from_float(torch.randn(4, 32), eco.FP8())
     old = eco.qparam._rebuild_quantized(qt.codes, qt.scales, qt.fmt.config(), (4, 32), "float32", True)
     assert old.codes.dtype == torch.float8_e4m3fn and torch.equal(old.dequantize(), qt.dequantize())
+
+
+def test_compile_cache_key_covers_layout_and_eco_code(monkeypatch):
+    """AOTAutograd caches compiled graphs by this key: a graph traced through another eco version must miss."""
+    w = eco.QuantizedTensor.from_float(torch.randn(4, 32), eco.FP8())
+    key = w._stable_hash_for_caching()
+    assert key == eco.QuantizedTensor.from_float(torch.randn(4, 32), eco.FP8())._stable_hash_for_caching()
+    assert key != eco.QuantizedTensor.from_float(torch.randn(4, 32), eco.FP8(block_size=16))._stable_hash_for_caching()
+    assert key != w.t()._stable_hash_for_caching()
+    monkeypatch.setattr(eco.qparam, "_eco_source_digest", lambda: "another eco")
+    assert key != w._stable_hash_for_caching()

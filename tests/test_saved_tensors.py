@@ -209,10 +209,7 @@ def test_activation_checkpointing(case):
 @pytest.fixture
 def fresh_dynamo():
     torch._dynamo.reset()
-    # The AOTAutograd cache is keyed by the traced user graph, not by eco's dispatch code: an edited
-    # eco could reuse a stale partition. The inductor cache (keyed by the partitioned graph) is safe.
-    with torch._functorch.config.patch(enable_autograd_cache=False):
-        yield
+    yield
     torch._dynamo.reset()
 
 
