@@ -41,8 +41,8 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from torch.fx.experimental.proxy_tensor import get_proxy_mode
 from torch.utils._python_dispatch import _disable_current_modes
-from torch.utils._pytree import tree_flatten, tree_map
 from torch.utils.checkpoint import CheckpointPolicy
 
 from . import backends
@@ -71,8 +71,6 @@ def _recomputed_in_backward():
     recomputes a value that backward must materialize anyway). The tag is the one selective activation
     checkpointing uses; the partitioner then saves the codes and scales (inputs, no new memory).
     """
-    from torch.fx.experimental.proxy_tensor import get_proxy_mode
-
     mode = get_proxy_mode()
     if mode is None:
         yield
@@ -274,6 +272,7 @@ def _take_rows(fmt: QuantFormat, codes, scales, pick: Callable[[torch.Tensor], t
 
 
 # ---------------------------------------------------------------- views
+@functools.cache
 def _is_plain_view(func) -> bool:
     """A view op returning one tensor of the input's dtype (``view(dtype)`` reinterprets bits: not one)."""
     schema = func._schema
@@ -284,6 +283,20 @@ def _is_plain_view(func) -> bool:
 def _geometry(stored_shape, post: tuple[ViewOp, ...]):
     """Size, strides and storage offset of ``post`` applied to a contiguous tensor of ``stored_shape``
     (what :meth:`QuantizedTensor.dequantize` returns), so the view reports the strides its values will have."""
+    try:
+        key = (tuple(stored_shape), tuple((func, args, tuple(kwargs.items())) for func, args, kwargs in post))
+        return _geometry_of(key)
+    except TypeError:  # symbolic sizes (torch.compile with dynamic shapes) are not hashable
+        return _replay_on_meta(stored_shape, post)
+
+
+@functools.lru_cache(maxsize=4096)
+def _geometry_of(key):
+    stored_shape, post = key
+    return _replay_on_meta(stored_shape, tuple((func, args, dict(kwargs)) for func, args, kwargs in post))
+
+
+def _replay_on_meta(stored_shape, post):
     with _disable_current_modes():
         meta = torch.empty(stored_shape, device="meta")
         for func, args, kwargs in post:
@@ -305,7 +318,7 @@ def _selects_codes(qt: QuantizedTensor, func, args) -> bool:
 
 def _view(parent: QuantizedTensor, func, args: tuple, kwargs: dict) -> QuantizedTensor:
     """``func(parent, *args, **kwargs)`` for a view op, as a quantized view of ``parent``."""
-    op = (func, tuple(args), dict(kwargs))
+    op = (func, _frozen(args), dict(kwargs))
     if _selects_codes(parent, func, args):
         codes, scales = _take_rows(parent.fmt, parent.codes, parent.scales, lambda t: func(t, *args, **kwargs))
         shape, _, _ = _geometry(parent._stored_shape, (op,))
@@ -323,6 +336,11 @@ def _view(parent: QuantizedTensor, func, args: tuple, kwargs: dict) -> Quantized
     out._root = parent if parent._root is None else parent._root
     out._chain = parent._chain + (op,)
     return out
+
+
+def _frozen(args) -> tuple:
+    """View op arguments with lists as tuples (a recorded op is part of cache keys)."""
+    return tuple(tuple(a) if isinstance(a, list) else a for a in args)
 
 
 def _alias(src: QuantizedTensor) -> QuantizedTensor:
@@ -376,16 +394,32 @@ def _replay(chain: tuple[ViewOp, ...], plain: torch.Tensor) -> torch.Tensor:
     return plain
 
 
+@functools.cache
+def _write_arguments(func) -> tuple:
+    """(position, name, keyword-only) of the arguments ``func`` writes into."""
+    return tuple((i, spec.name, spec.kwarg_only) for i, spec in enumerate(func._schema.arguments)
+                 if spec.alias_info is not None and spec.alias_info.is_write)
+
+
 def _written_args(func, args, kwargs) -> list[QuantizedTensor]:
     """The quantized tensors ``func`` writes into (``self`` of an in-place op, ``out=``, foreach lists)."""
     written = []
-    for i, spec in enumerate(func._schema.arguments):
-        if spec.alias_info is None or not spec.alias_info.is_write:
-            continue
-        value = args[i] if i < len(args) and not spec.kwarg_only else kwargs.get(spec.name)
-        leaves, _ = tree_flatten(value)
-        written += [t for t in leaves if isinstance(t, QuantizedTensor)]
+    for i, name, kwarg_only in _write_arguments(func):
+        value = args[i] if i < len(args) and not kwarg_only else kwargs.get(name)
+        values = value if isinstance(value, (list, tuple)) else (value,)
+        written += [t for t in values if isinstance(t, QuantizedTensor)]
     return written
+
+
+def _map_tensors(fn, obj):
+    """``fn`` applied to every tensor in op arguments (tensors, or lists/tuples/dicts of them)."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_map_tensors(fn, x) for x in obj)
+    if isinstance(obj, dict):
+        return {k: _map_tensors(fn, v) for k, v in obj.items()}
+    return obj
 
 
 def _run_dequantized(func, args, kwargs):
@@ -404,12 +438,12 @@ def _run_dequantized(func, args, kwargs):
             return t
         return plain_of[id(t)] if id(t) in plain_of else t.dequantize()
 
-    out = func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs))
+    out = func(*_map_tensors(unwrap, args), **_map_tensors(unwrap, kwargs))
     for root, full in fulls.values():
         _store(root, full)
     if written:  # an in-place op returns its target: the quantized tensor, not the scratch values
         back = {id(plain_of[id(qt)]): qt for qt in written}
-        out = tree_map(lambda t: back.get(id(t), t), out)
+        out = _map_tensors(lambda t: back.get(id(t), t), out)
     return out
 
 
