@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import importlib.util
 import inspect
 import itertools
 from collections.abc import Callable
@@ -111,9 +112,12 @@ class QuantizedTensor(torch.Tensor):
         self._rows: torch.Tensor | None = None
         self._stored_shape = torch.Size(shape)
         self._post: tuple[ViewOp, ...] = ()
-        # Where writes go: the quantized tensor that owns the storage, and the view ops from it to here.
+        # Where writes go: the quantized tensor whose codes they are stored into, and the view ops from it to
+        # here (None and () when that is this tensor). ``_codes_view``: codes and scales are views into another
+        # tensor's (``w[e]``: whole scale groups of ``w``, so writes are stored here and land in ``w``).
         self._root: QuantizedTensor | None = None
         self._chain: tuple[ViewOp, ...] = ()
+        self._codes_view = False
 
     # ------------------------------------------------------------ construction
     @classmethod
@@ -139,7 +143,7 @@ class QuantizedTensor(torch.Tensor):
         return _take_rows(self.fmt, self.codes, self.scales, lambda t: t[self._rows])
 
     def __repr__(self):
-        kind = "view, " if self._root is not None else ""
+        kind = "" if self._is_whole_storage() else "view, "
         return (f"QuantizedTensor({self.fmt}, {kind}shape={tuple(self.shape)}, dtype={self.dtype}, "
                 f"device={self.device})")
 
@@ -170,7 +174,7 @@ class QuantizedTensor(torch.Tensor):
 
     def share_memory_(self):
         """Move ``codes`` and ``scales`` to shared memory (``model.share_memory()``)."""
-        if self._rows is not None or self._root is not None:
+        if not self._is_whole_storage():
             raise RuntimeError("share_memory_() applies to a quantized weight itself, not to a view of it")
         self.codes.share_memory_()
         self.scales.share_memory_()
@@ -180,7 +184,7 @@ class QuantizedTensor(torch.Tensor):
         return self.codes.is_shared() and self.scales.is_shared()
 
     def _is_whole_storage(self) -> bool:
-        return self._root is None and self._rows is None
+        return self._root is None and self._rows is None and not self._codes_view
 
     # ------------------------------------------------------------ subclass protocol
     def __tensor_flatten__(self):
@@ -236,11 +240,11 @@ class QuantizedTensor(torch.Tensor):
 
 @functools.cache
 def _eco_source_digest() -> str:
-    """A digest of eco's Python sources (the package and its kernels)."""
-    import eco.kernels
-
+    """A digest of eco's Python sources (the package and its kernels, found without importing Triton)."""
+    kernels = importlib.util.find_spec("eco.kernels")
+    folders = [Path(__file__).parent, *map(Path, kernels.submodule_search_locations if kernels else ())]
     digest = hashlib.blake2b(digest_size=16)
-    for folder in (Path(__file__).parent, Path(eco.kernels.__file__).parent):
+    for folder in folders:
         for source in sorted(folder.glob("*.py")):
             digest.update(source.read_bytes())
     return digest.hexdigest()
@@ -323,6 +327,9 @@ def _view(parent: QuantizedTensor, func, args: tuple, kwargs: dict) -> Quantized
         codes, scales = _take_rows(parent.fmt, parent.codes, parent.scales, lambda t: func(t, *args, **kwargs))
         shape, _, _ = _geometry(parent._stored_shape, (op,))
         out = QuantizedTensor(codes, scales, parent.fmt, shape, parent.dtype)  # contiguous, like its dequantize()
+        if scales is not parent.scales:  # whole scale groups: writes are stored right here, in the parent's codes
+            out._codes_view = True
+            return out
     else:
         post = parent._post + (op,)
         shape, strides, offset = _geometry(parent._stored_shape, post)
@@ -512,8 +519,8 @@ def _copy_(func, args, kwargs):
             and dst._rows is None and src.shape == dst.shape):
         src_codes, src_scales = src._read()
         root = dst._root
-        if not (dst.fmt.tensorwise and root is not None and dst.codes.dim() == 2
-                and dst._stored_shape[-2] != root._stored_shape[-2]):
+        if root is None or not (dst.fmt.tensorwise and dst.codes.dim() == 2
+                                and dst._stored_shape[-2] != root._stored_shape[-2]):
             dst.codes.copy_(src_codes)
             dst.scales.copy_(src_scales)
             return dst

@@ -200,3 +200,19 @@ def test_a_view_to_the_same_shape_is_the_tensor_itself():
     with torch.no_grad():
         same.zero_()
     assert not w.dequantize().any()
+
+
+def test_a_write_into_one_expert_dequantizes_only_that_expert(monkeypatch):
+    fmt = eco.INT4(group_size=16)
+    w = quantized((4, 8, 32), fmt)
+    before = eco.QuantizedTensor(*codes_of(w), fmt, w.shape, w.dtype)
+    values = w.dequantize()
+    values[2][:, 0] = 1.0
+    shapes = []
+    original = eco.qparam._dequantize
+    monkeypatch.setattr(eco.qparam, "_dequantize", lambda *a: (shapes.append(tuple(a[3])), original(*a))[1])
+    with torch.no_grad():
+        w[2].t()[0].fill_(1.0)
+    assert shapes and set(shapes) == {(8, 32)}
+    monkeypatch.undo()
+    assert_stored(w, fmt, values, before)
