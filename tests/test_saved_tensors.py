@@ -18,6 +18,8 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from functorch.compile import min_cut_rematerialization_partition, nop
+from torch._dynamo.backends.common import aot_autograd
 from torch._dynamo.utils import counters
 from torch.utils.checkpoint import checkpoint
 
@@ -61,8 +63,10 @@ class PerExpertLinears(nn.Module):
 
     def forward(self, x):
         gates = self.router(x).softmax(-1)
-        experts = enumerate(zip(self.up, self.down, strict=True))
-        return sum(gates[..., e:e + 1] * down(F.silu(up(x))) for e, (up, down) in experts)
+        out = torch.zeros_like(x)
+        for e, (up, down) in enumerate(zip(self.up, self.down, strict=True)):
+            out = out + gates[..., e:e + 1] * down(F.silu(up(x)))
+        return out
 
 
 class LoraStack(nn.Module):
@@ -90,10 +94,10 @@ class CheckpointedStack(nn.Module):
         return checkpoint(self.layers[2], h, use_reentrant=False)
 
 
-def tiny_mixtral(implementation):
+def tiny_mixtral(implementation, experts):
     config = transformers.MixtralConfig(
         vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
+        num_key_value_heads=2, num_local_experts=experts, num_experts_per_tok=2, max_position_embeddings=64,
         tie_word_embeddings=False,
     )
     config._experts_implementation = implementation
@@ -128,10 +132,10 @@ def lora_case():
     return model, None, dense_loss(6, 48)
 
 
-def mixtral_case(implementation):
+def mixtral_case(implementation, experts=4):
     def build():
         ids = tokens()
-        return (tiny_mixtral(implementation), lambda n, p: "experts" in n,
+        return (tiny_mixtral(implementation, experts), lambda n, p: "experts" in n,
                 lambda m: m(input_ids=ids).logits.float().square().mean())
     return build
 
@@ -140,7 +144,7 @@ CASES = {
     "linear": linear_case,
     "per-expert-linears": per_expert_case,
     "lora-frozen-base": lora_case,
-    "mixtral-eager": mixtral_case("eager"),
+    "mixtral-eager": mixtral_case("eager", experts=2),  # a graph per routed expert under torch.compile
     "mixtral-batched_mm": mixtral_case("batched_mm"),
     "mixtral-grouped_mm": mixtral_case("grouped_mm"),
 }
@@ -165,6 +169,13 @@ def gradients(model, run):
         p.grad = None
     run(model).backward()
     return [p.grad for p in model.parameters()]
+
+
+def assert_equal_gradients(model, grads, expected):
+    for (name, _), a, b in zip(model.named_parameters(), grads, expected, strict=True):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            assert type(a) is torch.Tensor and a.dtype == b.dtype and torch.equal(a, b), name
 
 
 # ---------------------------------------------------------------- eager
@@ -213,31 +224,30 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
-def compiled_census(model, run):
+# What decides the saved tensors is AOTAutograd's partition (inductor's min-cut partitioner), not the code
+# inductor then generates: most cases run the partitioned graphs as they are, which spares the C++ builds.
+PARTITIONED = aot_autograd(fw_compiler=nop, bw_compiler=nop, partition_fn=min_cut_rematerialization_partition)
+
+
+def compiled_census(model, run, backend="inductor"):
     """census() of the compiled model, its gradients, and the graph breaks compiling it took."""
     torch._dynamo.reset()  # graph breaks are counted per compile; the twin's shares the model's code objects
     counters.clear()
-    compiled = torch.compile(model)
+    compiled = torch.compile(model, backend=backend)
     saved, elements = census(model, lambda m: run(compiled))
     return saved, elements, [p.grad for p in model.parameters()], sum(counters["graph_break"].values())
 
 
-def assert_equal_gradients(model, grads, expected):
-    for (name, _), a, b in zip(model.named_parameters(), grads, expected, strict=True):
-        assert (a is None) == (b is None), name
-        if a is not None:
-            assert type(a) is torch.Tensor and a.dtype == b.dtype and torch.equal(a, b), name
-
-
-@pytest.mark.parametrize("case,dtype", [
-    ("linear", torch.float32), ("linear", torch.bfloat16), ("per-expert-linears", torch.float32),
-    ("lora-frozen-base", torch.float32), ("mixtral-eager", torch.float32), ("mixtral-batched_mm", torch.float32),
-    ("mixtral-grouped_mm", torch.float32), ("mixtral-grouped_mm", torch.bfloat16),
-], ids=str)
-def test_compiled_saves_no_dequantized_weight_and_adds_no_graph_break(case, dtype, fresh_dynamo):
+@pytest.mark.parametrize("case,dtype,backend", [
+    ("linear", torch.float32, "inductor"), ("linear", torch.bfloat16, PARTITIONED),
+    ("per-expert-linears", torch.float32, PARTITIONED), ("lora-frozen-base", torch.float32, PARTITIONED),
+    ("mixtral-eager", torch.float32, PARTITIONED), ("mixtral-batched_mm", torch.float32, PARTITIONED),
+    ("mixtral-grouped_mm", torch.float32, PARTITIONED), ("mixtral-grouped_mm", torch.bfloat16, "inductor"),
+], ids=lambda v: v if isinstance(v, str) else str(v) if isinstance(v, torch.dtype) else "partitioned")
+def test_compiled_saves_no_dequantized_weight_and_adds_no_graph_break(case, dtype, backend, fresh_dynamo):
     model, twin, run = build(case, eco.FP8(), dtype)
-    _, _, expected, breaks_twin = compiled_census(twin, run)
-    saved, elements, grads, breaks = compiled_census(model, run)
+    _, _, expected, breaks_twin = compiled_census(twin, run, backend)
+    saved, elements, grads, breaks = compiled_census(model, run, backend)
     assert saved == 0, f"{saved / elements:.2f} bytes per quantized element saved as dequantized copies"
     assert breaks == breaks_twin
     assert_equal_gradients(model, grads, expected)
@@ -246,7 +256,7 @@ def test_compiled_saves_no_dequantized_weight_and_adds_no_graph_break(case, dtyp
 def test_compiled_with_activation_checkpointing(fresh_dynamo):
     model, twin, run = build("linear", eco.FP8(), torch.float32)
     model, twin = CheckpointedStack(model), CheckpointedStack(twin)
-    _, _, expected, _ = compiled_census(twin, run)
-    saved, _, grads, breaks = compiled_census(model, run)
+    _, _, expected, _ = compiled_census(twin, run, PARTITIONED)
+    saved, _, grads, breaks = compiled_census(model, run, PARTITIONED)
     assert saved == 0 and breaks == 0
     assert_equal_gradients(model, grads, expected)
