@@ -270,12 +270,17 @@ def plain_sgd_step_(param: torch.Tensor, grad: torch.Tensor, momentum_buf: torch
 
 
 @torch.no_grad()
-def plain_adamw_steps_(params, grads, exp_avgs, exp_avg_sqs, *, scalars: reference.AdamWScalars) -> None:
-    """:func:`plain_adamw_step_` for many tensors with the same scalars, small ones grouped into few launches."""
+def plain_adamw_steps_(params, grads, exp_avgs, exp_avg_sqs, *, scalars: reference.AdamWScalars,
+                       seeds=None) -> None:
+    """:func:`plain_adamw_step_` for many tensors with the same scalars, small ones grouped into few launches.
+
+    ``seeds`` (the stochastic rounding of bf16 states) are not used yet: bf16 states round to nearest here.
+    """
     _plain_many("adamw", params, grads, exp_avgs, exp_avg_sqs, scalars)
 
 
 @torch.no_grad()
-def plain_sgd_steps_(params, grads, momentum_bufs, *, scalars: reference.SGDScalars) -> None:
-    """:func:`plain_sgd_step_` for many tensors with the same scalars, small ones grouped into few launches."""
+def plain_sgd_steps_(params, grads, momentum_bufs, *, scalars: reference.SGDScalars, seeds=None) -> None:
+    """:func:`plain_sgd_step_` for many tensors with the same scalars, small ones grouped into few launches
+    (``seeds``: as :func:`plain_adamw_steps_`)."""
     _plain_many("sgd", params, grads, momentum_bufs, momentum_bufs, scalars)
