@@ -55,8 +55,8 @@ class Backend(Protocol):
     (round to nearest, or the global generator; plain steps draw stochastic
     rounding of their states from them). A state (``exp_avgs``, ...) is an
     fp32/bf16 tensor or an ``eco.reference.Moment`` (8-bit and factored
-    formats; the kernels take plain tensors only, for now). ``update_weight=False`` (a
-    zero learning rate) updates the moments only.
+    formats). ``update_weight=False`` (a zero learning rate) updates the
+    moments only.
     """
 
     def adamw_steps_(self, codes: list, scales: list, grads: list, exp_avgs: list, exp_avg_sqs: list, masters: list,

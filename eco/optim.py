@@ -365,8 +365,6 @@ class _ECOOptimizer(torch.optim.Optimizer):
             state = self._state_for(p, group)
             state["step"] += 1
             moments = self._moments(p, state)
-            if backend.__name__ == "eco.kernels" and not all(mo.fmt.name in ("fp32", "bf16") for mo in moments):
-                backend = reference  # the kernels do not implement these state formats yet
             quantized = isinstance(p, QuantizedTensor)
             stochastic = (quantized and group["rounding"] == "stochastic") or any(mo.fmt.stochastic for mo in moments)
             seed = self._next_seed() if stochastic else None
@@ -395,13 +393,6 @@ class _ECOOptimizer(torch.optim.Optimizer):
                 if problem is not None:
                     return problem
         return None
-
-    @staticmethod
-    def _moment_args(moments, backend) -> list:
-        """Each moment as the backend takes it: the kernels a plain tensor, the others a ``reference.Moment``."""
-        if backend.__name__ == "eco.kernels":
-            return [mo.tensors[0] for mo in moments]
-        return list(moments)
 
     def _quantized_kwargs(self, params: list, param_states: list, seeds: list, group: dict) -> dict:
         return dict(
@@ -641,16 +632,15 @@ class AdamW(_ECOOptimizer):
         m, v = zip(*moments, strict=True)
         backend.adamw_steps_(
             [p.codes for p in params], [p.scales for p in params], [p.grad for p in params],
-            self._moment_args(m, backend), self._moment_args(v, backend),
-            scalars=self._scalars(group, step, inject=_injects(group)),
+            list(m), list(v), scalars=self._scalars(group, step, inject=_injects(group)),
             **self._quantized_kwargs(params, param_states, seeds, group),
         )
 
     def _step_plain(self, backend, params, param_states, seeds, moments, group, step):
         m, v = zip(*moments, strict=True)
         backend.plain_adamw_steps_(
-            [_real(p) for p in params], [_real(p.grad) for p in params], self._moment_args(m, backend),
-            self._moment_args(v, backend), scalars=self._scalars(group, step, inject=False), seeds=seeds,
+            [_real(p) for p in params], [_real(p.grad) for p in params], list(m), list(v),
+            scalars=self._scalars(group, step, inject=False), seeds=seeds,
         )
 
 
@@ -710,11 +700,11 @@ class SGD(_ECOOptimizer):
     def _step_quantized(self, backend, params, param_states, seeds, moments, group, step):
         backend.sgd_steps_(
             [p.codes for p in params], [p.scales for p in params], [p.grad for p in params],
-            self._moment_args([mo[0] for mo in moments], backend), scalars=self._scalars(group, inject=_injects(group)),
+            [mo[0] for mo in moments], scalars=self._scalars(group, inject=_injects(group)),
             **self._quantized_kwargs(params, param_states, seeds, group),
         )
 
     def _step_plain(self, backend, params, param_states, seeds, moments, group, step):
         backend.plain_sgd_steps_([_real(p) for p in params], [_real(p.grad) for p in params],
-                                 self._moment_args([mo[0] for mo in moments], backend),
-                                 scalars=self._scalars(group, inject=False), seeds=seeds)
+                                 [mo[0] for mo in moments], scalars=self._scalars(group, inject=False),
+                                 seeds=seeds)
