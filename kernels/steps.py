@@ -198,7 +198,10 @@ def _launch_one(optimizer: str, fmt: QuantFormat | None, job: _Job, scalars, inj
             if factored:
                 factored.reduce_gmax(job.reduce)
             if two_pass and fmt.tensorwise:
-                job.reduce(workspace[:n_scale_groups].view(torch.float32).view(-1, 1), "max")
+                absmax = workspace[:n_scale_groups].view(torch.float32).view(-1, 1)
+                job.reduce(absmax, "max")
+                if geo["rows"] == 0:  # a shard without rows keeps its copy of the matrix's scale current
+                    job.scales.copy_(fmt.scale_pair(absmax)[0].view_as(job.scales))
     if factored:
         factored.finish(scalars, job.reduce)
 

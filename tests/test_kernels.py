@@ -431,6 +431,111 @@ def test_auto_backend_keeps_cpu_tensors_on_the_reference():
             select("triton", cpu_param)
 
 
+# ---------------------------------------------------------------- overflow (issue 14, items 1 and 2)
+def overflow_pair(pair):
+    return dict(state_dtype=torch.float32) if pair == "fp32" else dict(momentum="int8", second_moment="factored")
+
+
+def finite_state(model, opt):
+    w = model.weight
+    tensors = [w.dequantize()] + [t for t in opt.state[w].values()
+                                  if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    return all(torch.isfinite(t.float()).all() for t in tensors)
+
+
+@pytest.mark.parametrize("fmt", [eco.INT4(), eco.FP8()], ids=str)
+@pytest.mark.parametrize("pair", ["fp32", "int8-factored"])
+def test_huge_gradient_through_the_kernels(fmt, pair):
+    """|g| = 1e20 (whose square overflows fp32) is refused before anything is written; |g| = 0.99 * 2**63 (the
+    largest class the optimizer accepts) steps, saturating where it must: the kernels' bits are the reference's
+    and everything stays finite; training goes on (the issue's tensor-wise INT4 matrix was wiped to 0)."""
+    runs = {}
+    for backend in ("reference", "triton"):
+        torch.manual_seed(0)
+        model = eco.quantize_(torch.nn.Linear(256, 8, bias=False).to(DEVICE), fmt)
+        opt = eco.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0, backend=backend, seed=0,
+                        **overflow_pair(pair))
+        gen = torch.Generator().manual_seed(1)
+        for step in range(4):
+            g = torch.randn(8, 256, generator=gen) * 1e-2
+            if step == 1:
+                g[0, 0] = 1e20
+            if step == 2:
+                g[0, 0], g[3, 7] = 0.99 * 2.0**63, -0.99 * 2.0**63
+            model.weight.grad = g.to(DEVICE)
+            if step == 1:
+                before = model.weight.codes.clone()
+                with pytest.warns(RuntimeWarning, match="2\\*\\*63"):
+                    opt.step()
+                assert torch.equal(model.weight.codes, before)
+            else:
+                opt.step()
+            assert finite_state(model, opt)
+        assert opt.skipped_steps == 1
+        assert (model.weight.dequantize() != 0).any()
+        runs[backend] = (model, opt)
+    assert_same_training_state(*runs["reference"], *runs["triton"])
+
+
+@pytest.mark.parametrize("optimizer_cls, kwargs", [
+    (eco.AdamW, dict(weight_decay=0.0, state_dtype=torch.float32)),
+    (eco.AdamW, dict(weight_decay=0.0, momentum="int8", second_moment="factored")),
+    (eco.SGD, dict(momentum=0.9, state_dtype=torch.bfloat16)),
+], ids=["adamw-fp32", "adamw-int8-factored", "sgd-bf16"])
+def test_tiny_learning_rate_through_the_kernels(optimizer_cls, kwargs):
+    """lr = 1e-41 (the injection coefficient overflows fp32) is refused; lr = 3e-20 runs with an injection
+    coefficient near 2**62 whose products saturate the momentum: the kernels' bits are the reference's, finite."""
+    runs = {}
+    for backend in ("reference", "triton"):
+        torch.manual_seed(0)
+        model = eco.quantize_(torch.nn.Linear(256, 8, bias=False).to(DEVICE), eco.INT4(group_size=32))
+        opt = optimizer_cls(model.parameters(), lr=1e-41, backend=backend, seed=0, **kwargs)
+        gen = torch.Generator().manual_seed(2)
+        model.weight.grad = (torch.randn(8, 256, generator=gen) * 1e-2).to(DEVICE)
+        with pytest.warns(RuntimeWarning, match="learning rate too small"):
+            opt.step()
+        for group in opt.param_groups:
+            group["lr"] = 3e-20
+        for _ in range(3):
+            model.weight.grad = (torch.randn(8, 256, generator=gen) * 1e-2).to(DEVICE)
+            opt.step()
+            assert finite_state(model, opt)
+        runs[backend] = (model, opt)
+    assert opt.skipped_steps == 1
+    assert_same_training_state(*runs["reference"], *runs["triton"])
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter's numpy: v * inv_bc2
+@pytest.mark.parametrize("pair", [("fp32", "fp32"), ("int8", "factored")], ids=specs.states_tag)
+def test_extreme_inputs_saturate_like_the_reference(pair):
+    """Weights, moments and gradients at the edge of what a step accepts (|w|, |m|, v near 2**126, |g| near
+    2**63): v*inv_bc2 overflows to inf and is clamped, and every stored value is the reference's, finite."""
+    fmt = eco.FP8(group_size=32)
+    shape = (2, 128)
+    gen = torch.Generator().manual_seed(8)
+    sign = torch.where(torch.rand(shape, generator=gen) < 0.5, -1.0, 1.0)
+    codes, scales = fmt.quantize(sign * 8e37 * torch.rand(shape, generator=gen))
+    m = states.momentum_format(pair[0])
+    m_tensors = m.allocate(shape, "cpu")
+    m.store_(m_tensors, sign * 8e37, rng.key(1))
+    v = states.second_moment_format(pair[1])
+    v_tensors = v.allocate(shape, "cpu")
+    if pair[1] == "factored":
+        for t in v_tensors:
+            t.fill_(8e37)
+    else:
+        v.store_(v_tensors, torch.full(shape, 8e37), rng.key(2))
+    state = {k: to_device(x) for k, x in dict(codes=codes, scales=scales, grad=sign * 0.99 * 2.0**63,
+                                               exp_avg=Moment(m, m_tensors), exp_avg_sq=Moment(v, v_tensors)).items()}
+    ref, ker = clone_state(state), clone_state(state)
+    for step in (1, 2):
+        run_step(reference, "adamw", fmt, torch.Size(shape), ref, step, "stochastic", seed=step)
+        run_step(kernels, "adamw", fmt, torch.Size(shape), ker, step, "stochastic", seed=step)
+        assert_states_equal(ker, ref)
+    values = [fmt.dequantize(ker["codes"], ker["scales"], shape)] + list(ker["exp_avg"].tensors)
+    assert all(torch.isfinite(t.float()).all() for t in values + list(ker["exp_avg_sq"].tensors))
+
+
 # ---------------------------------------------------------------- the specialization list
 def test_every_spec_matches_its_kernel_signature():
     import inspect
