@@ -52,8 +52,11 @@ class Backend(Protocol):
 
     Step functions update their tensors in place; lists hold one entry per
     tensor, ``masters`` may hold None (no fp32 master copy), ``seeds`` None
-    (round to nearest, or the global generator). ``update_weight=False`` (a
-    zero learning rate) updates the moments only.
+    (round to nearest, or the global generator; plain steps draw stochastic
+    rounding of their states from them). A state (``exp_avgs``, ...) is an
+    fp32/bf16 tensor or an ``eco.reference.Moment`` (8-bit and factored
+    formats). ``update_weight=False`` (a zero learning rate) updates the
+    moments only.
     """
 
     def adamw_steps_(self, codes: list, scales: list, grads: list, exp_avgs: list, exp_avg_sqs: list, masters: list,
@@ -65,10 +68,10 @@ class Backend(Protocol):
                    update_weight: bool = True) -> None: ...
 
     def plain_adamw_steps_(self, params: list, grads: list, exp_avgs: list, exp_avg_sqs: list, *,
-                           scalars: reference.AdamWScalars) -> None: ...
+                           scalars: reference.AdamWScalars, seeds: list | None = None) -> None: ...
 
     def plain_sgd_steps_(self, params: list, grads: list, momentum_bufs: list, *,
-                         scalars: reference.SGDScalars) -> None: ...
+                         scalars: reference.SGDScalars, seeds: list | None = None) -> None: ...
 
     def quantize(self, x: torch.Tensor, fmt: QuantFormat, rounding: str = "nearest",
                  seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]: ...

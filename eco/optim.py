@@ -17,10 +17,22 @@ Three switches give every arm of the paper's Table 1 through one code path:
 ``error_feedback=False`` is naive master-weight removal; ``master_weights=True``
 keeps an fp32 master copy and re-quantizes from it every step.
 
+Optimizer states (``eco.states``): ``momentum=`` (AdamW; ``momentum_state=``
+for SGD, whose ``momentum`` is the coefficient) is ``"fp32"``, ``"bf16"``,
+``"int8"`` or ``"fp8"``; ``second_moment=`` is ``"fp32"``, ``"bf16"``,
+``"fp8"`` or ``"factored"``; ``"8bit"`` picks the 8-bit format of each.
+Every format below fp32 is stored with stochastic rounding. ``state_dtype``
+(fp32 or bf16 for both) is the older spelling of the same choice.
+
 Non-finite gradients (policy ``nonfinite``): before anything is written, all
-gradients of the step are checked (one reduction, one host sync). With
-``"skip"`` (default) a step with any NaN/inf gradient changes nothing (codes,
-scales, moments, step counts), warns, and is counted in
+gradients of the step are checked (one reduction, one host sync): each must be
+finite and below ``reference.GRAD_LIMIT`` (2**63) in magnitude, so that its
+square fits fp32; and the step's coefficients must be representable in fp32
+(``reference.check_scalars``: e.g. a learning rate so small that ECO's
+injection coefficient ``(bc1/lr)(1 - 1/beta1)`` would overflow). Every value
+the step computes from such inputs is then finite by construction (see
+``eco.reference``). With ``"skip"`` (default) a step that fails a check changes
+nothing (codes, scales, moments, step counts), warns, and is counted in
 ``optimizer.skipped_steps``; with ``"raise"`` it raises ``FloatingPointError``.
 
 A step either completes or changes nothing that can be checked beforehand:
@@ -40,11 +52,13 @@ from copy import deepcopy
 
 import torch
 
-from . import backends, reference
+from . import backends, reference, states
 from .formats import STATE_DTYPES, check_rounding
 from .qparam import QuantizedTensor
 
 NONFINITE_POLICIES = ("skip", "raise")
+#: the state format of every moment when neither state_dtype nor a format is given
+DEFAULT_STATE_FORMAT = "fp32"
 
 
 def _injects(group: dict) -> bool:
@@ -52,22 +66,49 @@ def _injects(group: dict) -> bool:
     return group["error_feedback"] and not group["master_weights"]
 
 
-def _all_finite(grads: list[torch.Tensor]) -> bool:
-    """True when no gradient holds NaN or inf: one host sync for all of them.
+def _all_below(tensors: list[torch.Tensor], limit: float) -> bool:
+    """True when every element of every tensor has ``|x| < limit`` (NaN fails): one host sync for all.
 
-    On CPU each gradient's ``aminmax`` (NaN propagates into both, an inf into one):
+    On CPU each tensor's ``aminmax`` (NaN propagates into both, an inf into one):
     torch's CPU ``_foreach_norm(inf)`` reduces bf16 in a scalar loop, slower than a
     whole torch AdamW step. Elsewhere one fused ``_foreach_norm(inf)`` per device/dtype.
+    E4M3 tensors (8-bit states) are read as fp32.
     """
-    if not grads:
+    tensors = [t.float() if t.dtype == torch.float8_e4m3fn else t for t in tensors]
+    if not tensors:
         return True
-    extremes = [e for g in grads if g.device.type == "cpu" and g.numel() for e in torch.aminmax(g)]
-    others = [g for g in grads if g.device.type != "cpu"]
+    extremes = [e for g in tensors if g.device.type == "cpu" and g.numel() for e in torch.aminmax(g)]
+    others = [g for g in tensors if g.device.type != "cpu"]
     if others:
         extremes.extend(torch._foreach_norm(others, float("inf")))
     if not extremes:
         return True
-    return bool(torch.stack([e.float().to(grads[0].device) for e in extremes]).isfinite().all())
+    return bool((torch.stack([e.float().to(tensors[0].device) for e in extremes]).abs() < limit).all())
+
+
+def _all_finite(tensors: list[torch.Tensor]) -> bool:
+    """True when no tensor holds NaN or inf."""
+    return _all_below(tensors, math.inf)
+
+
+def _gradients_in_range(grads: list[torch.Tensor]) -> bool:
+    """True when every gradient element is finite with ``|g| < reference.GRAD_LIMIT`` (its square fits fp32)."""
+    return _all_below(grads, reference.GRAD_LIMIT)
+
+
+def _state_formats(state_dtype, chosen: dict, moment_names: tuple) -> dict:
+    """The state format of each moment: the chosen names, else ``state_dtype``'s, else the default."""
+    if state_dtype is not None and any(v is not None for v in chosen.values()):
+        raise ValueError("pass either state_dtype or the state formats (momentum=, second_moment=, "
+                         "momentum_state=), not both")
+    if state_dtype is not None and state_dtype not in STATE_DTYPES:
+        raise ValueError(f"state_dtype must be one of {STATE_DTYPES}, got {state_dtype}")
+    default = {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(state_dtype, DEFAULT_STATE_FORMAT)
+    out = {}
+    for name in moment_names:
+        choice = chosen[name] or default
+        out[name] = states.second_moment_format(choice) if name == "exp_avg_sq" else states.momentum_format(choice)
+    return out
 
 
 #: torch.optim options that choose how a step is computed, not what it computes: dropped from a loaded state_dict
@@ -155,9 +196,9 @@ class _ECOOptimizer(torch.optim.Optimizer):
     #: (torch.optim.SGD saves none)
     update_counts_steps = True
 
-    def __init__(self, params, defaults: dict, *, state_dtype, seed, generator, nonfinite, backend):
-        if state_dtype not in STATE_DTYPES:
-            raise ValueError(f"state_dtype must be one of {STATE_DTYPES}, got {state_dtype}")
+    def __init__(self, params, defaults: dict, *, state_dtype, state_formats: dict, seed, generator, nonfinite,
+                 backend):
+        self.state_formats = _state_formats(state_dtype, state_formats, self.moment_names)
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
         backends.resolve(backend)  # a bad backend= or ECO_BACKEND fails here, not at the first step
@@ -174,7 +215,7 @@ class _ECOOptimizer(torch.optim.Optimizer):
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------ pickling, copy.deepcopy
-    _ECO_ATTRIBUTES = ("state_dtype", "nonfinite", "backend", "skipped_steps", "generator")
+    _ECO_ATTRIBUTES = ("state_dtype", "state_formats", "nonfinite", "backend", "skipped_steps", "generator")
 
     def __getstate__(self) -> dict:
         return {**super().__getstate__(), **{name: getattr(self, name) for name in self._ECO_ATTRIBUTES}}
@@ -207,19 +248,38 @@ class _ECOOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------ state
     def _state_layout(self, p: torch.Tensor, group: dict) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Shape and dtype of each state tensor of ``p``: what a fresh state holds and a saved one must match."""
-        shape = p.shape + (2,) if p.is_complex() else p.shape  # complex: the real view's
-        layout = dict.fromkeys(self.moment_names, (shape, self.state_dtype))
+        shape = _real(p).shape  # complex: the real view's
+        layout = {}
+        for name in self.moment_names:
+            fmt = self._moment_format(name, shape)
+            layout.update(zip(fmt.keys(name), zip(fmt.shapes(shape), fmt.dtypes, strict=True), strict=True))
         if isinstance(p, QuantizedTensor) and group["master_weights"]:
-            layout["master"] = (shape, torch.float32)
+            layout["master"] = (tuple(shape), torch.float32)
         return layout
+
+    def _moment_format(self, name: str, shape) -> states.StateFormat:
+        """The state format of moment ``name`` of a parameter of ``shape`` (a factored v needs two dimensions)."""
+        return states.for_shape(self.state_formats[name], shape)
+
+    def _moments(self, p: torch.Tensor, state: dict) -> list:
+        """``state``'s moments of ``p`` as ``reference.Moment``s, in ``moment_names`` order."""
+        shape = _real(p).shape
+        out = []
+        for name in self.moment_names:
+            fmt = self._moment_format(name, shape)
+            out.append(reference.Moment(fmt, tuple(state[k] for k in fmt.keys(name))))
+        return out
 
     def _state_for(self, p: torch.Tensor, group: dict) -> dict:
         state = self.state[p]
         if not state:
             state["step"] = 0
-            for name, (shape, dtype) in self._state_layout(p, group).items():
-                state[name] = (p.dequantize(torch.float32) if name == "master"
-                               else torch.zeros(shape, dtype=dtype, device=p.device))
+            shape = _real(p).shape
+            for name in self.moment_names:
+                fmt = self._moment_format(name, shape)
+                state.update(zip(fmt.keys(name), fmt.allocate(shape, p.device), strict=True))
+            if isinstance(p, QuantizedTensor) and group["master_weights"]:
+                state["master"] = p.dequantize(torch.float32)
         return state
 
     def _check_state(self, p: torch.Tensor, group: dict) -> None:
@@ -281,49 +341,71 @@ class _ECOOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         work = self._checked_work()
-        if not _all_finite([_real(p.grad) for _, p, _ in work]):
+        problem = None
+        if not _gradients_in_range([_real(p.grad) for _, p, _ in work]):
+            problem = "non-finite gradients (NaN, inf, or |g| >= 2**63, whose square overflows fp32)"
+        else:
+            problem = self._scalars_problem(work)
+        if problem is not None:
             if self.nonfinite == "raise":
                 raise FloatingPointError(
-                    "a gradient holds NaN or inf; nothing was updated. Lower the learning rate, clip or "
+                    f"a step with {problem}; nothing was updated. Lower the learning rate, clip or "
                     "scale the loss, or pass nonfinite='skip' to skip such steps"
                 )
             self.skipped_steps += 1
             warnings.warn(
-                f"{type(self).__name__}: skipped a step with non-finite gradients (nothing was updated; "
+                f"{type(self).__name__}: skipped a step with {problem} (nothing was updated; "
                 f"{self.skipped_steps} skipped so far)", RuntimeWarning, stacklevel=2,
             )
             return loss
-        # One backend call per (backend, group, step count[, format]); the backend groups by dtypes itself.
+        # One backend call per (backend, group, step count, state formats[, format]); the backend groups by dtypes.
         plain_batches: dict = {}
         quantized_batches: dict = {}  # seeds drawn here, in parameter order
         for group, p, backend in work:
             state = self._state_for(p, group)
             state["step"] += 1
-            if isinstance(p, QuantizedTensor):
-                seed = self._next_seed() if group["rounding"] == "stochastic" else None
-                key = (backend.__name__, id(group), state["step"], p.fmt)
-                quantized_batches.setdefault(key, (backend, group, state["step"], []))[3].append((p, state, seed))
+            moments = self._moments(p, state)
+            quantized = isinstance(p, QuantizedTensor)
+            stochastic = (quantized and group["rounding"] == "stochastic") or any(mo.fmt.stochastic for mo in moments)
+            seed = self._next_seed() if stochastic else None
+            formats = tuple(mo.fmt for mo in moments)
+            if quantized:
+                key = (backend.__name__, id(group), state["step"], formats, p.fmt)
+                batches = quantized_batches
             else:
-                key = (backend.__name__, id(group), state["step"])
-                plain_batches.setdefault(key, (backend, group, state["step"], []))[3].append((p, state))
+                key = (backend.__name__, id(group), state["step"], formats)
+                batches = plain_batches
+            batches.setdefault(key, (backend, group, state["step"], []))[3].append((p, state, seed, moments))
         for backend, group, step, items in quantized_batches.values():
             self._step_quantized(backend, *(list(x) for x in zip(*items, strict=True)), group, step)
         for backend, group, step, items in plain_batches.values():
-            self._step_plain(backend, [p for p, _ in items], [st for _, st in items], group, step)
+            self._step_plain(backend, *(list(x) for x in zip(*items, strict=True)), group, step)
         return loss
 
-    def _quantized_kwargs(self, params: list, states: list, seeds: list, group: dict) -> dict:
+    def _scalars_problem(self, work: list) -> str | None:
+        """Why some parameter's coefficients this step cannot run in fp32 (``reference.check_scalars``), or None."""
+        seen = set()
+        for group, p, _ in work:
+            step = self.state[p]["step"] + 1 if self.state.get(p) else 1
+            if (id(group), step) not in seen:
+                seen.add((id(group), step))
+                problem = reference.check_scalars(self._scalars(group, step, inject=_injects(group)))
+                if problem is not None:
+                    return problem
+        return None
+
+    def _quantized_kwargs(self, params: list, param_states: list, seeds: list, group: dict) -> dict:
         return dict(
-            masters=[st.get("master") for st in states], fmt=params[0].fmt, shapes=[p.shape for p in params],
+            masters=[st.get("master") for st in param_states], fmt=params[0].fmt, shapes=[p.shape for p in params],
             rounding=group["rounding"], seeds=seeds, update_weight=group["lr"] != 0.0,
         )
 
-    def _step_quantized(self, backend, params, states, seeds, group, step):  # pragma: no cover - abstract
-        """ECO update of quantized ``params`` (same group, step count and format) in one backend call."""
+    def _step_quantized(self, backend, params, param_states, seeds, moments, group, step):  # pragma: no cover
+        """ECO update of quantized ``params`` (same group, step count, format and state formats) in one call."""
         raise NotImplementedError
 
-    def _step_plain(self, backend, params, states, group, step):  # pragma: no cover - abstract
-        """Plain update of ``params`` (same group and step count; complex ones as real views) in one backend call."""
+    def _step_plain(self, backend, params, param_states, seeds, moments, group, step):  # pragma: no cover
+        """Plain update of ``params`` (same group, step count and state formats; complex ones as real views)."""
         raise NotImplementedError
 
     # ------------------------------------------------------------ state_dict
@@ -331,6 +413,7 @@ class _ECOOptimizer(torch.optim.Optimizer):
         sd = super().state_dict()
         sd["eco_generator_state"] = self.generator.get_state()
         sd["eco_formats"] = self._formats()
+        sd["eco_state_formats"] = self._state_format_names()
         sd["eco_skipped_steps"] = self.skipped_steps
         return sd
 
@@ -354,6 +437,13 @@ class _ECOOptimizer(torch.optim.Optimizer):
         generator_state = state_dict.pop("eco_generator_state", None)
         skipped = state_dict.pop("eco_skipped_steps", 0)
         formats = state_dict.pop("eco_formats", None)
+        saved_state_formats = state_dict.pop("eco_state_formats", None)
+        if saved_state_formats is not None and saved_state_formats != self._state_format_names():
+            raise ValueError(
+                f"the optimizer state was saved with state formats {saved_state_formats} but this optimizer keeps "
+                f"{self._state_format_names()}: build it with the same momentum=/second_moment= (or state_dtype=) "
+                "to resume"
+            )
         self._check_compatible(state_dict, formats)
         groups = [self._loaded_group(saved, current)
                   for saved, current in zip(state_dict["param_groups"], self.param_groups, strict=True)]
@@ -430,8 +520,8 @@ class _ECOOptimizer(torch.optim.Optimizer):
             if not _lossless(value.dtype, dtype):
                 raise ValueError(
                     f"saved {key} of parameter {pid} is {value.dtype} but this optimizer keeps it in {dtype} "
-                    f"(state_dtype={self.state_dtype}); converting would round the saved state. Build the "
-                    "optimizer with the options it was saved with to resume."
+                    f"(state formats {self._state_format_names()}); converting would round the saved state. Build "
+                    "the optimizer with the options it was saved with to resume."
                 )
             out[key] = value.to(device=p.device, dtype=dtype)
         return out
@@ -447,6 +537,9 @@ class _ECOOptimizer(torch.optim.Optimizer):
             f"a saved {bad!r} state holds NaN or inf: stepping from it would write NaN or zeros into the weights. "
             "Resume from an earlier checkpoint. Nothing was loaded."
         )
+
+    def _state_format_names(self) -> dict:
+        return {name: fmt.name for name, fmt in self.state_formats.items()}
 
     def _formats(self) -> list:
         """The quantization format of every parameter, in param-group order (None: unquantized)."""
@@ -484,7 +577,8 @@ class AdamW(_ECOOptimizer):
         params: parameters or param groups, some of them quantized by ``eco.quantize_``.
         lr, betas, eps, weight_decay: as ``torch.optim.AdamW``.
         rounding: ``"stochastic"`` (default, the paper's best) or ``"nearest"``.
-        state_dtype: dtype of ``exp_avg``/``exp_avg_sq``: ``torch.float32`` or ``torch.bfloat16``.
+        momentum, second_moment: state formats of ``exp_avg`` and ``exp_avg_sq`` (see module docstring).
+        state_dtype: ``torch.float32`` or ``torch.bfloat16`` for both (instead of the formats).
         error_feedback: ``False`` gives naive master-weight removal (no injection).
         master_weights: ``True`` keeps an fp32 master copy (the baseline ECO removes).
         decay_corrected_injection: multiply the injection by ``1 - lr*wd`` (the paper form is the default).
@@ -500,7 +594,8 @@ class AdamW(_ECOOptimizer):
 
     def __init__(
         self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-        weight_decay: float = 1e-2, *, rounding: str = "stochastic", state_dtype: torch.dtype = torch.float32,
+        weight_decay: float = 1e-2, *, rounding: str = "stochastic", momentum: str | None = None,
+        second_moment: str | None = None, state_dtype: torch.dtype | None = None,
         error_feedback: bool = True, master_weights: bool = False, decay_corrected_injection: bool = False,
         seed: int | None = None, generator: torch.Generator | None = None, nonfinite: str = "skip",
         backend: str = "auto",
@@ -510,8 +605,9 @@ class AdamW(_ECOOptimizer):
             error_feedback=error_feedback, master_weights=master_weights,
             decay_corrected_injection=decay_corrected_injection,
         )
-        super().__init__(params, defaults, state_dtype=state_dtype, seed=seed, generator=generator,
-                         nonfinite=nonfinite, backend=backend)
+        super().__init__(params, defaults, state_dtype=state_dtype,
+                         state_formats={"exp_avg": momentum, "exp_avg_sq": second_moment}, seed=seed,
+                         generator=generator, nonfinite=nonfinite, backend=backend)
 
     def _validate_group(self, group):
         super()._validate_group(group)
@@ -532,18 +628,19 @@ class AdamW(_ECOOptimizer):
             step=step, inject=inject, decay_corrected_injection=group["decay_corrected_injection"],
         )
 
-    def _step_quantized(self, backend, params, states, seeds, group, step):
+    def _step_quantized(self, backend, params, param_states, seeds, moments, group, step):
+        m, v = zip(*moments, strict=True)
         backend.adamw_steps_(
             [p.codes for p in params], [p.scales for p in params], [p.grad for p in params],
-            [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
-            scalars=self._scalars(group, step, inject=_injects(group)),
-            **self._quantized_kwargs(params, states, seeds, group),
+            list(m), list(v), scalars=self._scalars(group, step, inject=_injects(group)),
+            **self._quantized_kwargs(params, param_states, seeds, group),
         )
 
-    def _step_plain(self, backend, params, states, group, step):
+    def _step_plain(self, backend, params, param_states, seeds, moments, group, step):
+        m, v = zip(*moments, strict=True)
         backend.plain_adamw_steps_(
-            [_real(p) for p in params], [_real(p.grad) for p in params], [st["exp_avg"] for st in states],
-            [st["exp_avg_sq"] for st in states], scalars=self._scalars(group, step, inject=False),
+            [_real(p) for p in params], [_real(p.grad) for p in params], list(m), list(v),
+            scalars=self._scalars(group, step, inject=False), seeds=seeds,
         )
 
 
@@ -553,7 +650,9 @@ class SGD(_ECOOptimizer):
     Momentum is an exponential moving average, ``m = beta*m + (1-beta)*g``
     (``torch.optim.SGD`` with ``dampening=momentum``, starting from zero);
     weight decay is added to the gradient. The ECO injection needs
-    ``0 < momentum < 1``. Other options as :class:`AdamW`.
+    ``0 < momentum < 1``. ``momentum_state``: the state format of the
+    momentum buffer (``"fp32"``, ``"bf16"``, ``"int8"``, ``"fp8"`` or
+    ``"8bit"``). Other options as :class:`AdamW`.
     """
 
     moment_names = ("momentum_buffer",)
@@ -562,16 +661,16 @@ class SGD(_ECOOptimizer):
 
     def __init__(
         self, params: Iterable, lr: float = 1e-2, momentum: float = 0.9, weight_decay: float = 0.0, *,
-        rounding: str = "stochastic", state_dtype: torch.dtype = torch.float32, error_feedback: bool = True,
-        master_weights: bool = False, seed: int | None = None, generator: torch.Generator | None = None,
-        nonfinite: str = "skip", backend: str = "auto",
+        rounding: str = "stochastic", momentum_state: str | None = None, state_dtype: torch.dtype | None = None,
+        error_feedback: bool = True, master_weights: bool = False, seed: int | None = None,
+        generator: torch.Generator | None = None, nonfinite: str = "skip", backend: str = "auto",
     ):
         defaults = dict(
             lr=lr, momentum=momentum, weight_decay=weight_decay, rounding=rounding,
             error_feedback=error_feedback, master_weights=master_weights,
         )
-        super().__init__(params, defaults, state_dtype=state_dtype, seed=seed, generator=generator,
-                         nonfinite=nonfinite, backend=backend)
+        super().__init__(params, defaults, state_dtype=state_dtype, state_formats={"momentum_buffer": momentum_state},
+                         seed=seed, generator=generator, nonfinite=nonfinite, backend=backend)
 
     def _validate_group(self, group):
         super()._validate_group(group)
@@ -593,18 +692,19 @@ class SGD(_ECOOptimizer):
                 "dampening=momentum), so the run cannot be resumed exactly"
             )
 
-    def _scalars(self, group, inject):
+    def _scalars(self, group, step=None, inject=False):
         return reference.sgd_scalars(
             lr=group["lr"], momentum=group["momentum"], weight_decay=group["weight_decay"], inject=inject
         )
 
-    def _step_quantized(self, backend, params, states, seeds, group, step):
+    def _step_quantized(self, backend, params, param_states, seeds, moments, group, step):
         backend.sgd_steps_(
             [p.codes for p in params], [p.scales for p in params], [p.grad for p in params],
-            [st["momentum_buffer"] for st in states], scalars=self._scalars(group, inject=_injects(group)),
-            **self._quantized_kwargs(params, states, seeds, group),
+            [mo[0] for mo in moments], scalars=self._scalars(group, inject=_injects(group)),
+            **self._quantized_kwargs(params, param_states, seeds, group),
         )
 
-    def _step_plain(self, backend, params, states, group, step):
+    def _step_plain(self, backend, params, param_states, seeds, moments, group, step):
         backend.plain_sgd_steps_([_real(p) for p in params], [_real(p.grad) for p in params],
-                                 [st["momentum_buffer"] for st in states], scalars=self._scalars(group, inject=False))
+                                 [mo[0] for mo in moments], scalars=self._scalars(group, inject=False),
+                                 seeds=seeds)
