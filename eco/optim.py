@@ -215,7 +215,19 @@ class _ECOOptimizer(torch.optim.Optimizer):
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------ pickling, copy.deepcopy
-    _ECO_ATTRIBUTES = ("state_dtype", "state_formats", "nonfinite", "backend", "skipped_steps", "generator")
+    _ECO_ATTRIBUTES = ("_state_dtype", "state_formats", "nonfinite", "backend", "skipped_steps", "generator")
+
+    @property
+    def state_dtype(self) -> torch.dtype | None:
+        """The ``state_dtype`` option (None when the state formats were chosen by name)."""
+        return self._state_dtype
+
+    @state_dtype.setter
+    def state_dtype(self, value: torch.dtype | None) -> None:
+        """Setting it chooses the formats it stands for (a state made under others is then refused at the step)."""
+        self._state_dtype = value
+        if value is not None:
+            self.state_formats = _state_formats(value, dict.fromkeys(self.moment_names), self.moment_names)
 
     def __getstate__(self) -> dict:
         return {**super().__getstate__(), **{name: getattr(self, name) for name in self._ECO_ATTRIBUTES}}
@@ -422,7 +434,6 @@ class _ECOOptimizer(torch.optim.Optimizer):
         sd = super().state_dict()
         sd["eco_generator_state"] = self.generator.get_state()
         sd["eco_formats"] = self._formats()
-        sd["eco_state_formats"] = self._state_format_names()
         sd["eco_skipped_steps"] = self.skipped_steps
         return sd
 
@@ -446,13 +457,6 @@ class _ECOOptimizer(torch.optim.Optimizer):
         generator_state = state_dict.pop("eco_generator_state", None)
         skipped = state_dict.pop("eco_skipped_steps", 0)
         formats = state_dict.pop("eco_formats", None)
-        saved_state_formats = state_dict.pop("eco_state_formats", None)
-        if saved_state_formats is not None and saved_state_formats != self._state_format_names():
-            raise ValueError(
-                f"the optimizer state was saved with state formats {saved_state_formats} but this optimizer keeps "
-                f"{self._state_format_names()}: build it with the same momentum=/second_moment= (or state_dtype=) "
-                "to resume"
-            )
         self._check_compatible(state_dict, formats)
         groups = [self._loaded_group(saved, current)
                   for saved, current in zip(state_dict["param_groups"], self.param_groups, strict=True)]
