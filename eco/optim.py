@@ -353,20 +353,21 @@ class _ECOOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         work = self._checked_work()
-        problem = None
         if not _gradients_in_range([_real(p.grad) for _, p, _ in work]):
-            problem = "non-finite gradients (NaN, inf, or |g| >= 2**63, whose square overflows fp32)"
+            problem = ("a gradient holds NaN or inf, or a value of magnitude 2**63 or more (its square overflows "
+                       "fp32)", "non-finite gradients")
         else:
-            problem = self._scalars_problem(work)
+            reason = self._scalars_problem(work)
+            problem = None if reason is None else (f"the step cannot run in fp32: {reason}", reason)
         if problem is not None:
             if self.nonfinite == "raise":
                 raise FloatingPointError(
-                    f"a step with {problem}; nothing was updated. Lower the learning rate, clip or "
-                    "scale the loss, or pass nonfinite='skip' to skip such steps"
+                    f"{problem[0]}; nothing was updated. Lower the learning rate, clip or scale the loss, or "
+                    "pass nonfinite='skip' to skip such steps"
                 )
             self.skipped_steps += 1
             warnings.warn(
-                f"{type(self).__name__}: skipped a step with {problem} (nothing was updated; "
+                f"{type(self).__name__}: skipped a step with {problem[1]} (nothing was updated; "
                 f"{self.skipped_steps} skipped so far)", RuntimeWarning, stacklevel=2,
             )
             return loss
@@ -401,9 +402,10 @@ class _ECOOptimizer(torch.optim.Optimizer):
         seen = set()
         for group, p, _ in work:
             step = self.state[p]["step"] + 1 if self.state.get(p) else 1
-            if (id(group), step) not in seen:
-                seen.add((id(group), step))
-                problem = reference.check_scalars(self._scalars(group, step, inject=_injects(group)))
+            inject = _injects(group) and isinstance(p, QuantizedTensor)  # plain parameters inject nothing
+            if (id(group), step, inject) not in seen:
+                seen.add((id(group), step, inject))
+                problem = reference.check_scalars(self._scalars(group, step, inject=inject))
                 if problem is not None:
                     return problem
         return None
