@@ -121,19 +121,8 @@ class QuantFormat:
         return self.scale_pair(self.grouped(x).abs().amax(dim=1, keepdim=True))
 
     def scale_pair(self, absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(absmax / rho, rho / absmax)``; ``(1, 0)`` for a (near-)zero group.
-
-        Only ``absmax <= ZERO_GROUP_ABSMAX`` is a zero group: a NaN absmax is
-        not (it propagates), so a non-finite value can never silently zero a group.
-        """
-        live = ~(absmax <= ZERO_GROUP_ABSMAX)
-        safe = torch.where(live, absmax, torch.ones_like(absmax))
-        # Tensor / tensor: torch computes ``number / tensor`` (and, on CUDA, ``tensor / number``) as a
-        # multiplication by a reciprocal, one ulp off for about a quarter of values; kernels divide exactly.
-        rho = torch.full_like(safe, self.rho)
-        scale = torch.where(live, safe / rho, torch.ones_like(absmax))
-        inv_scale = torch.where(live, rho / safe, torch.zeros_like(absmax))
-        return scale, inv_scale
+        """:func:`absmax_scales` with this format's rho."""
+        return absmax_scales(absmax, self.rho)
 
     def quantize(
         self, x: torch.Tensor, rounding: str = "nearest", generator: torch.Generator | None = None, *,
@@ -178,6 +167,22 @@ class QuantFormat:
     def config(self) -> dict:
         """A plain dict that rebuilds this format with :func:`format_from_config`."""
         return {"name": self.name, "group_size": self.group_size}
+
+
+def absmax_scales(absmax: torch.Tensor, rho: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(absmax / rho, rho / absmax)`` per group; ``(1, 0)`` for a (near-)zero group.
+
+    Only ``absmax <= ZERO_GROUP_ABSMAX`` is a zero group: a NaN absmax is not
+    (it propagates), so a non-finite value can never silently zero a group.
+    """
+    live = ~(absmax <= ZERO_GROUP_ABSMAX)
+    safe = torch.where(live, absmax, torch.ones_like(absmax))
+    # Tensor / tensor: torch computes ``number / tensor`` (and, on CUDA, ``tensor / number``) as a
+    # multiplication by a reciprocal, one ulp off for about a quarter of values; kernels divide exactly.
+    rho_t = torch.full_like(safe, rho)
+    scale = torch.where(live, safe / rho_t, torch.ones_like(absmax))
+    inv_scale = torch.where(live, rho_t / safe, torch.zeros_like(absmax))
+    return scale, inv_scale
 
 
 def _uniform_like(y: torch.Tensor, generator: torch.Generator | None, uniform: UniformSource | None) -> torch.Tensor:

@@ -215,7 +215,19 @@ class _ECOOptimizer(torch.optim.Optimizer):
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------ pickling, copy.deepcopy
-    _ECO_ATTRIBUTES = ("state_dtype", "state_formats", "nonfinite", "backend", "skipped_steps", "generator")
+    _ECO_ATTRIBUTES = ("_state_dtype", "state_formats", "nonfinite", "backend", "skipped_steps", "generator")
+
+    @property
+    def state_dtype(self) -> torch.dtype | None:
+        """The ``state_dtype`` option (None when the state formats were chosen by name)."""
+        return self._state_dtype
+
+    @state_dtype.setter
+    def state_dtype(self, value: torch.dtype | None) -> None:
+        """Setting it chooses the formats it stands for (a state made under others is then refused at the step)."""
+        self._state_dtype = value
+        if value is not None:
+            self.state_formats = _state_formats(value, dict.fromkeys(self.moment_names), self.moment_names)
 
     def __getstate__(self) -> dict:
         return {**super().__getstate__(), **{name: getattr(self, name) for name in self._ECO_ATTRIBUTES}}
@@ -341,20 +353,21 @@ class _ECOOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         work = self._checked_work()
-        problem = None
         if not _gradients_in_range([_real(p.grad) for _, p, _ in work]):
-            problem = "non-finite gradients (NaN, inf, or |g| >= 2**63, whose square overflows fp32)"
+            problem = ("a gradient holds NaN or inf, or a value of magnitude 2**63 or more (its square overflows "
+                       "fp32)", "non-finite gradients")
         else:
-            problem = self._scalars_problem(work)
+            reason = self._scalars_problem(work)
+            problem = None if reason is None else (f"the step cannot run in fp32: {reason}", reason)
         if problem is not None:
             if self.nonfinite == "raise":
                 raise FloatingPointError(
-                    f"a step with {problem}; nothing was updated. Lower the learning rate, clip or "
-                    "scale the loss, or pass nonfinite='skip' to skip such steps"
+                    f"{problem[0]}; nothing was updated. Lower the learning rate, clip or scale the loss, or "
+                    "pass nonfinite='skip' to skip such steps"
                 )
             self.skipped_steps += 1
             warnings.warn(
-                f"{type(self).__name__}: skipped a step with {problem} (nothing was updated; "
+                f"{type(self).__name__}: skipped a step with {problem[1]} (nothing was updated; "
                 f"{self.skipped_steps} skipped so far)", RuntimeWarning, stacklevel=2,
             )
             return loss
@@ -387,9 +400,10 @@ class _ECOOptimizer(torch.optim.Optimizer):
         seen = set()
         for group, p, _ in work:
             step = self.state[p]["step"] + 1 if self.state.get(p) else 1
-            if (id(group), step) not in seen:
-                seen.add((id(group), step))
-                problem = reference.check_scalars(self._scalars(group, step, inject=_injects(group)))
+            inject = _injects(group) and isinstance(p, QuantizedTensor)  # plain parameters inject nothing
+            if (id(group), step, inject) not in seen:
+                seen.add((id(group), step, inject))
+                problem = reference.check_scalars(self._scalars(group, step, inject=inject))
                 if problem is not None:
                     return problem
         return None
@@ -413,7 +427,6 @@ class _ECOOptimizer(torch.optim.Optimizer):
         sd = super().state_dict()
         sd["eco_generator_state"] = self.generator.get_state()
         sd["eco_formats"] = self._formats()
-        sd["eco_state_formats"] = self._state_format_names()
         sd["eco_skipped_steps"] = self.skipped_steps
         return sd
 
@@ -437,13 +450,6 @@ class _ECOOptimizer(torch.optim.Optimizer):
         generator_state = state_dict.pop("eco_generator_state", None)
         skipped = state_dict.pop("eco_skipped_steps", 0)
         formats = state_dict.pop("eco_formats", None)
-        saved_state_formats = state_dict.pop("eco_state_formats", None)
-        if saved_state_formats is not None and saved_state_formats != self._state_format_names():
-            raise ValueError(
-                f"the optimizer state was saved with state formats {saved_state_formats} but this optimizer keeps "
-                f"{self._state_format_names()}: build it with the same momentum=/second_moment= (or state_dtype=) "
-                "to resume"
-            )
         self._check_compatible(state_dict, formats)
         groups = [self._loaded_group(saved, current)
                   for saved, current in zip(state_dict["param_groups"], self.param_groups, strict=True)]

@@ -383,23 +383,26 @@ class Layout(NamedTuple):
     rows: int
     cols: int
     matrix_rows: int  # rows of one matrix (the last two dimensions); every piece stays inside one or holds whole ones
+    matrices: int  # prod(shape[:-2]): 1 for a 2-D tensor, also when it has no rows (an empty shard)
 
 
 def layout(shape) -> Layout:
     shape = tuple(shape)
     if len(shape) >= 2:
-        rows = 1
-        for n in shape[:-1]:
-            rows *= n
-        return Layout(rows, shape[-1], shape[-2])
+        matrices = 1
+        for n in shape[:-2]:
+            matrices *= n
+        return Layout(matrices * shape[-2], shape[-1], shape[-2], matrices)
     n = shape[0] if shape else 1
     if n > STATE_BLOCK and n % STATE_BLOCK == 0:  # rows of one state block each: pieces keep blocks whole
-        return Layout(n // STATE_BLOCK, STATE_BLOCK, n // STATE_BLOCK)
-    return Layout(1, n, 1)
+        return Layout(n // STATE_BLOCK, STATE_BLOCK, n // STATE_BLOCK, 1)
+    return Layout(1, n, 1, 1)
 
 
 def pieces(lay: Layout) -> list[tuple[int, int]]:
     """Row ranges ``[r0, r1)``: whole matrices when one fits in ``PIECE_ELEMENTS``, else rows inside one matrix."""
+    if lay.rows == 0:
+        return []
     per_piece = max(1, PIECE_ELEMENTS // max(lay.cols, 1))
     if lay.matrix_rows <= per_piece:
         step = (per_piece // lay.matrix_rows) * lay.matrix_rows
@@ -409,13 +412,13 @@ def pieces(lay: Layout) -> list[tuple[int, int]]:
 
 
 def _rows_view(t: torch.Tensor, rows: int) -> torch.Tensor:
-    return t.view(rows, -1)
+    return t.view(rows, t.numel() // rows if rows else 0)
 
 
 def _moment_piece(mo: Moment, lay: Layout, r0: int, r1: int, m0: int, m1: int) -> tuple:
     if isinstance(mo.fmt, Factored):
         row, col, mean = mo.tensors
-        n_mats = lay.rows // lay.matrix_rows
+        n_mats = lay.matrices
         return row.view(lay.rows)[r0:r1], col.view(n_mats, lay.cols)[m0:m1], mean.view(n_mats)[m0:m1]
     return tuple(_rows_view(t, lay.rows)[r0:r1] for t in mo.tensors)
 
@@ -447,14 +450,18 @@ def step_(name: str, weight: torch.Tensor, scales: torch.Tensor | None, grad: to
     ``weight`` is the codes of a quantized weight (``fmt`` given) or the
     parameter itself. ``offset``: global flat index of this tensor's first
     element (a dim-0 shard of a larger tensor; ``full_shape`` is then that
-    tensor's shape, and ``reduce`` all-reduces across the shards whatever a
-    matrix split across them needs: tensor-wise absmax, max |g|, and the
-    factored-v column and total sums).
+    tensor's shape). ``reduce`` all-reduces across the shards what a 2-D
+    matrix split across them needs: the tensor-wise absmax, max |g| and the
+    factored-v column and total sums, in that order, on every shard (an empty
+    one too); shards of stacked matrices (experts) hold whole matrices and
+    reduce nothing.
     """
     shape = torch.Size(shape)
+    if len(shape) != 2:
+        reduce = None  # a dim-0 shard of a stack of matrices (experts) holds whole matrices
     lay = layout(shape)
     full_rows = layout(full_shape or shape).matrix_rows
-    n_mats = lay.rows // lay.matrix_rows
+    n_mats = lay.matrices
     quantized = fmt is not None
     factored = v is not None and isinstance(v.fmt, Factored)
     injects = quantized and master is None and scalars.inject != 0.0
@@ -462,7 +469,7 @@ def step_(name: str, weight: torch.Tensor, scales: torch.Tensor | None, grad: to
     needs_seed = stochastic_weight or m.fmt.stochastic or (v is not None and v.fmt.stochastic)
     seeds = rng.stream_seeds(_resolve_seed(seed)) if needs_seed else None
     piece_list = pieces(lay)
-    split_matrix = piece_list[0][1] - piece_list[0][0] < lay.matrix_rows or reduce is not None
+    split_matrix = reduce is not None or (bool(piece_list) and piece_list[0][1] - piece_list[0][0] < lay.matrix_rows)
     two_pass = quantized and update_weight and fmt.tensorwise and split_matrix
     bits = fixed_point_bits(full_rows, lay.cols) if factored else 0
     base_cfg = PieceConfig(fmt=fmt, m_fmt=m.fmt, v_fmt=v.fmt if v is not None else None, rounding=rounding,
@@ -527,6 +534,8 @@ def step_(name: str, weight: torch.Tensor, scales: torch.Tensor | None, grad: to
         if factored:
             row_q[r0:r1] = sums[0]
             col_q[m0:m1] += sums[1]
+    if two_pass:  # what every piece wrote; also a shard with no rows holds its matrix's scale
+        scale_rows.copy_(fmt.scale_pair(absmax)[0])
     if factored:
         total_q = row_q.view(n_mats, -1).sum(dim=1)
         if reduce is not None:

@@ -46,7 +46,6 @@ its state scales as it owns its weight scales. ``scale = absmax / rho``,
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,7 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from . import rng
-from .formats import FP8, FP8_MAX, ZERO_GROUP_ABSMAX
+from .formats import FP8, FP8_MAX, absmax_scales
 
 STATE_BLOCK = 128
 INT8_MAX = 127.0
@@ -89,11 +88,6 @@ class StateFormat:
     def stochastic(self) -> bool:
         """Whether storing draws random numbers (every format below fp32 does)."""
         return self.name != "fp32"
-
-    @property
-    def dense(self) -> bool:
-        """One tensor of the parameter's shape holding the values themselves (fp32 or bf16)."""
-        return len(self.parts) == 1
 
     def shapes(self, shape) -> tuple[tuple[int, ...], ...]:
         shape = tuple(shape)
@@ -184,7 +178,7 @@ class Block8(StateFormat):
         cols = x.shape[-1]
         u = _blocks(rng.uniform(key, x.shape, x.device))
         xb = _blocks(sqrt_rn(x) if self.kind == "sqrt" else x)
-        scale, inv_scale = block_scales(xb.abs().amax(dim=-1, keepdim=True), self.rho)
+        scale, inv_scale = absmax_scales(xb.abs().amax(dim=-1, keepdim=True), self.rho)
         y = (xb * inv_scale).clamp(-self.rho, self.rho)
         if self.dtypes[0] == torch.int8:
             lower = torch.floor(y)
@@ -195,15 +189,6 @@ class Block8(StateFormat):
             grid = _round_square_stochastic(y, u, xb > 0)
         codes.copy_(_unblock(grid, cols).to(codes.dtype))
         scales.copy_(scale.squeeze(-1))
-
-
-def block_scales(absmax: torch.Tensor, rho: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(absmax / rho, rho / absmax)`` (IEEE divisions); ``(1, 0)`` where ``absmax <= ZERO_GROUP_ABSMAX``."""
-    live = ~(absmax <= ZERO_GROUP_ABSMAX)
-    safe = torch.where(live, absmax, torch.ones_like(absmax))
-    rho_t = torch.full_like(safe, rho)
-    return (torch.where(live, safe / rho_t, torch.ones_like(absmax)),
-            torch.where(live, rho_t / safe, torch.zeros_like(absmax)))
 
 
 def _round_square_stochastic(y: torch.Tensor, u: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
@@ -283,11 +268,14 @@ def for_shape(fmt: StateFormat, shape) -> StateFormat:
     return fmt
 
 
-def state_bytes(fmt: StateFormat, shape) -> int:
-    """Bytes the state of a tensor of ``shape`` takes in this format."""
-    return sum(math.prod(s) * torch.empty(0, dtype=d).element_size()
-               for s, d in zip(fmt.shapes(shape), fmt.dtypes, strict=True))
+def replicated_parts(fmt: StateFormat, shape) -> tuple[str, ...]:
+    """Suffixes of the parts that are not local to dim-0 rows: a dim-0 shard holds a full copy of them.
+
+    Only a factored v of a 2-D tensor has such parts (``_col``, ``_mean``: one per matrix, and the
+    matrix is split across the shards); every other part is sliced with the parameter's rows.
+    """
+    return ("_col", "_mean") if isinstance(fmt, Factored) and len(shape) == 2 else ()
 
 
 __all__ = ["StateFormat", "STATE_BLOCK", "MOMENTUM_FORMATS", "SECOND_MOMENT_FORMATS", "momentum_format",
-           "second_moment_format", "for_shape", "state_bytes", "round_bf16_stochastic", "block_scales"]
+           "second_moment_format", "for_shape", "replicated_parts", "round_bf16_stochastic", "sqrt_rn"]
