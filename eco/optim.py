@@ -23,6 +23,10 @@ gradients of the step are checked (one reduction, one host sync). With
 scales, moments, step counts), warns, and is counted in
 ``optimizer.skipped_steps``; with ``"raise"`` it raises ``FloatingPointError``.
 
+Gradient release (``gradient_release=True``, :mod:`eco.release`) steps each
+parameter during backward as soon as its gradient is complete and frees the
+gradient; ``step()`` then steps only the gradients backward did not release.
+
 A step either completes or changes nothing that can be checked beforehand:
 every group's options (also ones set after construction, a tensor ``lr``), the
 backend of every parameter, and every existing state against the parameter are
@@ -40,7 +44,7 @@ from copy import deepcopy
 
 import torch
 
-from . import backends, reference
+from . import backends, reference, release
 from .formats import STATE_DTYPES, check_rounding
 from .qparam import QuantizedTensor
 
@@ -155,7 +159,8 @@ class _ECOOptimizer(torch.optim.Optimizer):
     #: (torch.optim.SGD saves none)
     update_counts_steps = True
 
-    def __init__(self, params, defaults: dict, *, state_dtype, seed, generator, nonfinite, backend):
+    def __init__(self, params, defaults: dict, *, state_dtype, seed, generator, nonfinite, backend,
+                 gradient_release):
         if state_dtype not in STATE_DTYPES:
             raise ValueError(f"state_dtype must be one of {STATE_DTYPES}, got {state_dtype}")
         if nonfinite not in NONFINITE_POLICIES:
@@ -171,7 +176,10 @@ class _ECOOptimizer(torch.optim.Optimizer):
         if generator.device.type != "cpu":
             raise ValueError("generator must be a CPU torch.Generator (it only draws per-step seeds)")
         self.generator = generator
+        #: the :class:`eco.release.GradientRelease` handle while gradient release is on, else None
+        self.gradient_release = None
         super().__init__(params, defaults)
+        release.switch_on(self, gradient_release)
 
     # ------------------------------------------------------------ pickling, copy.deepcopy
     _ECO_ATTRIBUTES = ("state_dtype", "nonfinite", "backend", "skipped_steps", "generator")
@@ -181,6 +189,7 @@ class _ECOOptimizer(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
+        self.gradient_release = None  # a copy steps in step(); eco.release_gradients(copy) releases again
         for group in self.param_groups:  # a pickle from an older version lacks newer options
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
@@ -195,6 +204,8 @@ class _ECOOptimizer(torch.optim.Optimizer):
         except Exception:
             self.param_groups.pop()
             raise
+        if getattr(self, "gradient_release", None) is not None:
+            self.gradient_release.watch(self.param_groups[-1]["params"])
 
     def _validate_group(self, group: dict) -> None:
         """Refuse bad options of ``group`` (tensor options already floats); NaN fails every check."""
@@ -247,21 +258,25 @@ class _ECOOptimizer(torch.optim.Optimizer):
         return int(torch.randint(0, 2**62, (1,), generator=self.generator).item())
 
     # ------------------------------------------------------------ step
-    def _checked_work(self) -> list:
+    def _checked_work(self, selection: dict[int, list] | None = None) -> list:
         """``(group, param, backend)`` for each parameter to step, after every check that needs no arithmetic.
 
         ``group`` is a copy with tensor options as floats. Nothing is changed
         here, so a step that fails a check leaves states, step counts and the
-        generator as they were.
+        generator as they were. ``selection`` (``{group index: params}``)
+        limits the work to those parameters (gradient release steps them one
+        at a time); by default every parameter with a gradient.
         """
         work = []
         for index, group in enumerate(self.param_groups):
+            if selection is not None and index not in selection:
+                continue
             resolved = _resolved(group)
             try:
                 self._validate_group(resolved)
             except ValueError as error:
                 raise ValueError(f"param group {index}: {error}. Nothing was updated.") from error
-            for p in group["params"]:
+            for p in group["params"] if selection is None else selection[index]:
                 _check_param(self, p)
                 if p.grad is None:
                     continue
@@ -276,12 +291,16 @@ class _ECOOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
+        """One optimizer step; with gradient release, the step of the gradients backward did not release."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self.gradient_release is not None:
+            self.gradient_release.release_remaining()
+            return loss
         work = self._checked_work()
-        if not _all_finite([_real(p.grad) for _, p, _ in work]):
+        if self._problem(work) is not None:
             if self.nonfinite == "raise":
                 raise FloatingPointError(
                     "a gradient holds NaN or inf; nothing was updated. Lower the learning rate, clip or "
@@ -293,14 +312,37 @@ class _ECOOptimizer(torch.optim.Optimizer):
                 f"{self.skipped_steps} skipped so far)", RuntimeWarning, stacklevel=2,
             )
             return loss
+        self._apply(work)
+        return loss
+
+    @staticmethod
+    def _problem(work: list) -> str | None:
+        """Why the step of ``work`` must change nothing (a gradient holds NaN or inf), or None."""
+        if not _all_finite([_real(p.grad) for _, p, _ in work]):
+            return "non-finite gradients"
+        return None
+
+    @staticmethod
+    def _draws_seed(p: torch.Tensor, group: dict) -> bool:
+        """Whether stepping ``p`` draws a seed from the generator (the order of draws is the order of steps)."""
+        return isinstance(p, QuantizedTensor) and group["rounding"] == "stochastic"
+
+    def _apply(self, work: list, seeds: dict | None = None) -> None:
+        """Step every parameter of ``work`` (checked by ``_checked_work``, passed by ``_problem``).
+
+        Seeds are drawn here in ``work`` order, unless ``seeds`` (``{param:
+        seed}``, drawn beforehand in parameter order by gradient release) has them.
+        """
         # One backend call per (backend, group, step count[, format]); the backend groups by dtypes itself.
         plain_batches: dict = {}
-        quantized_batches: dict = {}  # seeds drawn here, in parameter order
+        quantized_batches: dict = {}
         for group, p, backend in work:
             state = self._state_for(p, group)
             state["step"] += 1
             if isinstance(p, QuantizedTensor):
-                seed = self._next_seed() if group["rounding"] == "stochastic" else None
+                seed = None
+                if self._draws_seed(p, group):
+                    seed = seeds[p] if seeds is not None else self._next_seed()
                 key = (backend.__name__, id(group), state["step"], p.fmt)
                 quantized_batches.setdefault(key, (backend, group, state["step"], []))[3].append((p, state, seed))
             else:
@@ -310,7 +352,6 @@ class _ECOOptimizer(torch.optim.Optimizer):
             self._step_quantized(backend, *(list(x) for x in zip(*items, strict=True)), group, step)
         for backend, group, step, items in plain_batches.values():
             self._step_plain(backend, [p for p, _ in items], [st for _, st in items], group, step)
-        return loss
 
     def _quantized_kwargs(self, params: list, states: list, seeds: list, group: dict) -> dict:
         return dict(
@@ -493,6 +534,9 @@ class AdamW(_ECOOptimizer):
             from rank 0, so that replicas round alike (every rank must then build the optimizer).
         nonfinite: ``"skip"`` or ``"raise"`` on NaN/inf gradients (see module docstring).
         backend: ``"auto"``, ``"reference"``, ``"compiled"`` or ``"triton"`` (see module docstring).
+        gradient_release: ``True`` (or a dict of :func:`eco.release_gradients` options, e.g.
+            ``{"max_grad_norm": 1.0}``) steps each parameter during backward as soon as its gradient is
+            complete, and frees the gradient (see :mod:`eco.release`).
     """
 
     moment_names = ("exp_avg", "exp_avg_sq")
@@ -503,7 +547,7 @@ class AdamW(_ECOOptimizer):
         weight_decay: float = 1e-2, *, rounding: str = "stochastic", state_dtype: torch.dtype = torch.float32,
         error_feedback: bool = True, master_weights: bool = False, decay_corrected_injection: bool = False,
         seed: int | None = None, generator: torch.Generator | None = None, nonfinite: str = "skip",
-        backend: str = "auto",
+        backend: str = "auto", gradient_release: bool | dict = False,
     ):
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rounding=rounding,
@@ -511,7 +555,7 @@ class AdamW(_ECOOptimizer):
             decay_corrected_injection=decay_corrected_injection,
         )
         super().__init__(params, defaults, state_dtype=state_dtype, seed=seed, generator=generator,
-                         nonfinite=nonfinite, backend=backend)
+                         nonfinite=nonfinite, backend=backend, gradient_release=gradient_release)
 
     def _validate_group(self, group):
         super()._validate_group(group)
@@ -564,14 +608,14 @@ class SGD(_ECOOptimizer):
         self, params: Iterable, lr: float = 1e-2, momentum: float = 0.9, weight_decay: float = 0.0, *,
         rounding: str = "stochastic", state_dtype: torch.dtype = torch.float32, error_feedback: bool = True,
         master_weights: bool = False, seed: int | None = None, generator: torch.Generator | None = None,
-        nonfinite: str = "skip", backend: str = "auto",
+        nonfinite: str = "skip", backend: str = "auto", gradient_release: bool | dict = False,
     ):
         defaults = dict(
             lr=lr, momentum=momentum, weight_decay=weight_decay, rounding=rounding,
             error_feedback=error_feedback, master_weights=master_weights,
         )
         super().__init__(params, defaults, state_dtype=state_dtype, seed=seed, generator=generator,
-                         nonfinite=nonfinite, backend=backend)
+                         nonfinite=nonfinite, backend=backend, gradient_release=gradient_release)
 
     def _validate_group(self, group):
         super()._validate_group(group)
