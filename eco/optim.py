@@ -342,7 +342,7 @@ class _ECOOptimizer(torch.optim.Optimizer):
             if isinstance(p, QuantizedTensor):
                 seed = None
                 if self._draws_seed(p, group):
-                    seed = seeds[p] if seeds is not None else self._next_seed()
+                    seed = seeds[p] if seeds is not None and p in seeds else self._next_seed()
                 key = (backend.__name__, id(group), state["step"], p.fmt)
                 quantized_batches.setdefault(key, (backend, group, state["step"], []))[3].append((p, state, seed))
             else:
