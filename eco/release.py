@@ -204,13 +204,16 @@ class GradientRelease:
     def _begin(self, draws, graph_task: int) -> _Step:
         """A new step; seeds drawn now, in parameter order, for the parameters ``draws`` selects that draw one.
 
-        A step still open (its backward failed before the end) is closed first.
+        A step still open (its backward failed before the end) is closed first. Parameters unhooked since
+        the last step are hooked (again): from this backward on where autograd has not reached them yet, else
+        from the next; ``step()`` steps their gradients meanwhile.
         """
         if self._step is not None:
             self._end(self._step)
-        self._restore_hooks()
         optimizer = self.optimizer
         step = _Step({p: i for i, group in enumerate(optimizer.param_groups) for p in group["params"]}, graph_task)
+        self._restore_hooks()
+        self.watch(step.group_of)  # parameters made trainable since
         for group in optimizer.param_groups:
             for p in group["params"]:
                 if draws(p) and optimizer._draws_seed(p, group):

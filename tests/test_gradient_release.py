@@ -395,6 +395,21 @@ def test_module_to_after_the_optimizer_keeps_releasing():
     assert all(opt.state[p]["step"] == 2 for p in model.parameters())
 
 
+def test_a_parameter_unfrozen_later_is_released():
+    model = quantized_mlp(FORMATS["int4"])
+    for p in model[4].parameters():
+        p.requires_grad_(False)
+    opt = eco.SGD(model.parameters(), lr=0.1, gradient_release=True)
+    train(model, opt, 1)
+    for p in model[4].parameters():
+        p.requires_grad_(True)
+    loss_of(model).backward()  # hooked from this backward's first gradient on: too late for the last layer ...
+    opt.step()  # ... whose gradients step() steps
+    loss_of(model).backward()
+    assert all(p.grad is None for p in model.parameters())  # from then on released in backward
+    assert opt.state[model[4].weight]["step"] == 2 and opt.state[model[0].weight]["step"] == 3
+
+
 def test_bad_options_are_refused():
     params = list(quantized_mlp(FORMATS["fp8"]).parameters())
     with pytest.raises(TypeError, match="gradient_release must be True, False or a dict"):
