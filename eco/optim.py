@@ -35,6 +35,10 @@ the step computes from such inputs is then finite by construction (see
 nothing (codes, scales, moments, step counts), warns, and is counted in
 ``optimizer.skipped_steps``; with ``"raise"`` it raises ``FloatingPointError``.
 
+Gradient release (``gradient_release=True``, :mod:`eco.release`) steps each
+parameter during backward as soon as its gradient is complete and frees the
+gradient; ``step()`` then steps only the gradients backward did not release.
+
 A step either completes or changes nothing that can be checked beforehand:
 every group's options (also ones set after construction, a tensor ``lr``), the
 backend of every parameter, and every existing state against the parameter are
@@ -52,7 +56,7 @@ from copy import deepcopy
 
 import torch
 
-from . import backends, reference, states
+from . import backends, reference, release, states
 from .formats import STATE_DTYPES, check_rounding
 from .qparam import QuantizedTensor
 
@@ -197,7 +201,7 @@ class _ECOOptimizer(torch.optim.Optimizer):
     update_counts_steps = True
 
     def __init__(self, params, defaults: dict, *, state_dtype, state_formats: dict, seed, generator, nonfinite,
-                 backend):
+                 backend, gradient_release):
         self.state_formats = _state_formats(state_dtype, state_formats, self.moment_names)
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
@@ -212,7 +216,10 @@ class _ECOOptimizer(torch.optim.Optimizer):
         if generator.device.type != "cpu":
             raise ValueError("generator must be a CPU torch.Generator (it only draws per-step seeds)")
         self.generator = generator
+        #: the :class:`eco.release.GradientRelease` handle while gradient release is on, else None
+        self.gradient_release = None
         super().__init__(params, defaults)
+        release.switch_on(self, gradient_release)
 
     # ------------------------------------------------------------ pickling, copy.deepcopy
     _ECO_ATTRIBUTES = ("_state_dtype", "state_formats", "nonfinite", "backend", "skipped_steps", "generator")
@@ -234,6 +241,7 @@ class _ECOOptimizer(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
+        self.gradient_release = None  # a copy steps in step(); eco.release_gradients(copy) releases again
         for group in self.param_groups:  # a pickle from an older version lacks newer options
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
@@ -248,6 +256,8 @@ class _ECOOptimizer(torch.optim.Optimizer):
         except Exception:
             self.param_groups.pop()
             raise
+        if getattr(self, "gradient_release", None) is not None:
+            self.gradient_release.watch(self.param_groups[-1]["params"])
 
     def _validate_group(self, group: dict) -> None:
         """Refuse bad options of ``group`` (tensor options already floats); NaN fails every check."""
@@ -319,21 +329,25 @@ class _ECOOptimizer(torch.optim.Optimizer):
         return int(torch.randint(0, 2**62, (1,), generator=self.generator).item())
 
     # ------------------------------------------------------------ step
-    def _checked_work(self) -> list:
+    def _checked_work(self, selection: dict[int, list] | None = None) -> list:
         """``(group, param, backend)`` for each parameter to step, after every check that needs no arithmetic.
 
         ``group`` is a copy with tensor options as floats. Nothing is changed
         here, so a step that fails a check leaves states, step counts and the
-        generator as they were.
+        generator as they were. ``selection`` (``{group index: params}``)
+        limits the work to those parameters (gradient release steps them one
+        at a time); by default every parameter with a gradient.
         """
         work = []
         for index, group in enumerate(self.param_groups):
+            if selection is not None and index not in selection:
+                continue
             resolved = _resolved(group)
             try:
                 self._validate_group(resolved)
             except ValueError as error:
                 raise ValueError(f"param group {index}: {error}. Nothing was updated.") from error
-            for p in group["params"]:
+            for p in group["params"] if selection is None else selection[index]:
                 _check_param(self, p)
                 if p.grad is None:
                     continue
@@ -348,41 +362,65 @@ class _ECOOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
+        """One optimizer step; with gradient release, the step of the gradients backward did not release."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self.gradient_release is not None:
+            self.gradient_release.release_remaining()
+            return loss
         work = self._checked_work()
-        if not _gradients_in_range([_real(p.grad) for _, p, _ in work]):
-            problem = ("a gradient holds NaN or inf, or a value of magnitude 2**63 or more (its square overflows "
-                       "fp32)", "non-finite gradients")
-        else:
-            reason = self._scalars_problem(work)
-            problem = None if reason is None else (f"the step cannot run in fp32: {reason}", reason)
+        problem = self._problem(work)
         if problem is not None:
             if self.nonfinite == "raise":
                 raise FloatingPointError(
-                    f"{problem[0]}; nothing was updated. Lower the learning rate, clip or scale the loss, or "
-                    "pass nonfinite='skip' to skip such steps"
+                    f"a step with {problem}; nothing was updated. Lower the learning rate, clip or scale the loss, "
+                    "or pass nonfinite='skip' to skip such steps"
                 )
             self.skipped_steps += 1
             warnings.warn(
-                f"{type(self).__name__}: skipped a step with {problem[1]} (nothing was updated; "
+                f"{type(self).__name__}: skipped a step with {problem} (nothing was updated; "
                 f"{self.skipped_steps} skipped so far)", RuntimeWarning, stacklevel=2,
             )
             return loss
+        self._apply(work)
+        return loss
+
+    def _problem(self, work: list) -> str | None:
+        """Why the step of ``work`` must change nothing, or None: a gradient that is not finite or whose
+        square overflows fp32, or coefficients that overflow fp32 (``reference.check_scalars``)."""
+        if not _gradients_in_range([_real(p.grad) for _, p, _ in work]):
+            return "non-finite gradients (NaN, inf, or a magnitude of 2**63 or more, whose square overflows fp32)"
+        reason = self._scalars_problem(work)
+        return None if reason is None else f"coefficients that overflow fp32 ({reason})"
+
+    def _draws_seed(self, p: torch.Tensor, group: dict) -> bool:
+        """Whether stepping ``p`` draws a seed from the generator (the order of draws is the order of steps):
+        a quantized weight rounded stochastically, or any state format stored with stochastic rounding."""
+        if isinstance(p, QuantizedTensor) and group["rounding"] == "stochastic":
+            return True
+        shape = _real(p).shape
+        return any(self._moment_format(name, shape).stochastic for name in self.moment_names)
+
+    def _apply(self, work: list, seeds: dict | None = None) -> None:
+        """Step every parameter of ``work`` (checked by ``_checked_work``, passed by ``_problem``).
+
+        Seeds are drawn here in ``work`` order, unless ``seeds`` (``{param:
+        seed}``, drawn beforehand in parameter order by gradient release) has them.
+        """
         # One backend call per (backend, group, step count, state formats[, format]); the backend groups by dtypes.
         plain_batches: dict = {}
-        quantized_batches: dict = {}  # seeds drawn here, in parameter order
+        quantized_batches: dict = {}
         for group, p, backend in work:
             state = self._state_for(p, group)
             state["step"] += 1
             moments = self._moments(p, state)
-            quantized = isinstance(p, QuantizedTensor)
-            stochastic = (quantized and group["rounding"] == "stochastic") or any(mo.fmt.stochastic for mo in moments)
-            seed = self._next_seed() if stochastic else None
+            seed = None
+            if self._draws_seed(p, group):
+                seed = seeds[p] if seeds is not None and p in seeds else self._next_seed()
             formats = tuple(mo.fmt for mo in moments)
-            if quantized:
+            if isinstance(p, QuantizedTensor):
                 key = (backend.__name__, id(group), state["step"], formats, p.fmt)
                 batches = quantized_batches
             else:
@@ -393,7 +431,6 @@ class _ECOOptimizer(torch.optim.Optimizer):
             self._step_quantized(backend, *(list(x) for x in zip(*items, strict=True)), group, step)
         for backend, group, step, items in plain_batches.values():
             self._step_plain(backend, *(list(x) for x in zip(*items, strict=True)), group, step)
-        return loss
 
     def _scalars_problem(self, work: list) -> str | None:
         """Why some parameter's coefficients this step cannot run in fp32 (``reference.check_scalars``), or None."""
@@ -593,6 +630,9 @@ class AdamW(_ECOOptimizer):
             from rank 0, so that replicas round alike (every rank must then build the optimizer).
         nonfinite: ``"skip"`` or ``"raise"`` on NaN/inf gradients (see module docstring).
         backend: ``"auto"``, ``"reference"``, ``"compiled"`` or ``"triton"`` (see module docstring).
+        gradient_release: ``True`` (or a dict of :func:`eco.release_gradients` options, e.g.
+            ``{"max_grad_norm": 1.0}``) steps each parameter during backward as soon as its gradient is
+            complete, and frees the gradient (see :mod:`eco.release`).
     """
 
     moment_names = ("exp_avg", "exp_avg_sq")
@@ -604,7 +644,7 @@ class AdamW(_ECOOptimizer):
         second_moment: str | None = None, state_dtype: torch.dtype | None = None,
         error_feedback: bool = True, master_weights: bool = False, decay_corrected_injection: bool = False,
         seed: int | None = None, generator: torch.Generator | None = None, nonfinite: str = "skip",
-        backend: str = "auto",
+        backend: str = "auto", gradient_release: bool | dict = False,
     ):
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rounding=rounding,
@@ -613,7 +653,7 @@ class AdamW(_ECOOptimizer):
         )
         super().__init__(params, defaults, state_dtype=state_dtype,
                          state_formats={"exp_avg": momentum, "exp_avg_sq": second_moment}, seed=seed,
-                         generator=generator, nonfinite=nonfinite, backend=backend)
+                         generator=generator, nonfinite=nonfinite, backend=backend, gradient_release=gradient_release)
 
     def _validate_group(self, group):
         super()._validate_group(group)
@@ -670,13 +710,15 @@ class SGD(_ECOOptimizer):
         rounding: str = "stochastic", momentum_state: str | None = None, state_dtype: torch.dtype | None = None,
         error_feedback: bool = True, master_weights: bool = False, seed: int | None = None,
         generator: torch.Generator | None = None, nonfinite: str = "skip", backend: str = "auto",
+        gradient_release: bool | dict = False,
     ):
         defaults = dict(
             lr=lr, momentum=momentum, weight_decay=weight_decay, rounding=rounding,
             error_feedback=error_feedback, master_weights=master_weights,
         )
         super().__init__(params, defaults, state_dtype=state_dtype, state_formats={"momentum_buffer": momentum_state},
-                         seed=seed, generator=generator, nonfinite=nonfinite, backend=backend)
+                         seed=seed, generator=generator, nonfinite=nonfinite, backend=backend,
+                         gradient_release=gradient_release)
 
     def _validate_group(self, group):
         super()._validate_group(group)

@@ -98,7 +98,7 @@ def _shared_error_inputs(device, dtype):
                params=[replaced]),
         _error({}, RuntimeError, "does not support sparse gradients", "sparse gradient", params=[sparse],
                on=OptimizerErrorEnum.STEP_ERROR),
-        _error({"nonfinite": "raise"}, FloatingPointError, "gradient holds NaN or inf", "NaN gradient",
+        _error({"nonfinite": "raise"}, FloatingPointError, "a step with non-finite gradients", "NaN gradient",
                params=[nan_grad], on=OptimizerErrorEnum.STEP_ERROR),
         _error({"nonfinite": "skip"}, RuntimeWarning, "skipped a step with non-finite gradients",
                "NaN gradient, skipped", params=[nan_grad], on=OptimizerErrorEnum.STEP_ERROR),
