@@ -64,6 +64,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -105,10 +106,13 @@ SIZES = {
                         batch=2, seq=12),
     },
 }
-MODEL_LABELS = {
-    "linear": "8 x nn.Linear(1024, 1024)",
-    "mixtral": "tiny HF Mixtral (hidden 512, 8 experts, 2 layers; fused experts, grouped_mm)",
-}
+
+
+def model_label(name: str, cfg: dict) -> str:
+    if name == "linear":
+        return f"{cfg['layers']} x nn.Linear({cfg['width']}, {cfg['width']}), {cfg['tokens']} tokens"
+    return (f"HF Mixtral: hidden {cfg['hidden']}, {cfg['experts']} experts, {cfg['layers']} layers, fused experts "
+            f"on grouped_mm; batch {cfg['batch']} x {cfg['seq']} tokens")
 
 
 def linear_stack(cfg: dict, dtype: torch.dtype, device: torch.device):
@@ -581,7 +585,9 @@ def markdown(result: dict) -> str:
     for model_name in result["models"]:
         rows = [r for r in result["rows"] if r["model"] == model_name]
         cfg = result["configs"][model_name]
-        lines += [f"## {MODEL_LABELS.get(model_name, model_name)}", "", f"config: `{json.dumps(cfg)}`", "",
+        n = next((r["num_params"] for r in rows if r["status"] == "ok"), None)
+        lines += [f"## {model_label(model_name, cfg)}", "",
+                  (f"{n:,} parameters; " if n else "") + f"config: `{json.dumps(cfg)}`", "",
                   "| arm | forward | backward | step | whole | static | gradients | saved: weight copies | "
                   "saved: activations | peak phase | spread |", "|---|" + "---:|" * 10]
         for r in rows:
@@ -635,7 +641,9 @@ def plot(result: dict, path: Path) -> None:
         ax.set_yticks(range(len(rows)), [r["arm"] for r in rows], fontsize=8)
         ax.invert_yaxis()
         ax.set_xlim(0, right * 1.25)
-        ax.set_title(MODEL_LABELS.get(model_name, model_name), fontsize=10)
+        n = rows[0]["num_params"]
+        ax.set_title(f"{model_label(model_name, result['configs'][model_name])} ({n / 1e6:.1f}M parameters)",
+                     fontsize=10)
         ax.grid(axis="x", alpha=0.3)
     axes[-1, 0].set_xlabel("bytes per parameter: forward/backward peak and optimizer-step peak "
                            "(bold: the higher one, the whole step's peak)")
@@ -726,8 +734,9 @@ def step_markdown(result: dict) -> str:
              f"{result['device']}, torch {result['torch']}, eco {result['commit']}, {result['date']}; "
              f"median of {result['repeats']} run(s), each in a fresh process; bf16 logical weight, bf16 gradient "
              "and bf16 states, stochastic rounding.  ",
-             f"Method: {result['method']}; temporaries = peak during the second `optimizer.step()` minus the "
-             "memory before it. Target (issue 15): at most 64 MiB, not growing with the tensor.", "",
+             f"Method: {result['method']}: temporaries = peak during the second `optimizer.step()` (states "
+             "allocated by the first) minus the memory before it. Target (issue 15): at most 64 MiB, not growing "
+             "with the tensor.", "",
              "| format | backend | shape | temporaries (MiB) | bytes/element | spread (MiB) |",
              "|---|---|---|---:|---:|---:|"]
     for r in result["rows"]:
@@ -741,12 +750,13 @@ def step_markdown(result: dict) -> str:
 
 
 # ---------------------------------------------------------------- main
-def method(device: torch.device) -> str:
+def method(device: torch.device, mode: str) -> str:
     if device.type == "cuda":
-        return "torch.cuda.max_memory_allocated, reset per phase, minus memory_allocated before the step"
-    return ("Linux VmHWM reset per phase (/proc/self/clear_refs), glibc MALLOC_MMAP_THRESHOLD_=65536 "
-            "MALLOC_TRIM_THRESHOLD_=0, minus the resident set before the step (after imports and warm-up); "
-            "static bytes from eco.memory_report added back")
+        return ("torch.cuda.max_memory_allocated, reset before each phase, minus memory_allocated before the step"
+                + ("; static bytes from eco.memory_report added back" if mode == "arms" else ""))
+    text = ("Linux VmHWM reset before each phase (/proc/self/clear_refs), glibc MALLOC_MMAP_THRESHOLD_=65536 "
+            "MALLOC_TRIM_THRESHOLD_=0, minus the resident set before the step (after imports and warm-up)")
+    return text + ("; static bytes from eco.memory_report added back" if mode == "arms" else "")
 
 
 def main(argv=None) -> dict:
@@ -769,24 +779,31 @@ def main(argv=None) -> dict:
     parser.add_argument("--step-formats", default=",".join(ECO_FORMATS), help="--step-temporaries: formats")
     parser.add_argument("--step-backends", default=None,
                         help="--step-temporaries: eco backends (default: auto and, on CPU, compiled)")
+    parser.add_argument("--render", metavar="JSON", help="write the .md (and .png) of a saved result again, then exit")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         child_main(json.loads(args.child), Path(args.child_out))
         return {}
+    if args.render:
+        path = Path(args.render)
+        result = json.loads(path.read_text())
+        write_outputs(path.with_name(path.name.removesuffix(".json")), result, json_too=False)
+        return result
     device = torch.device(args.device)
+    mode = "step-temporaries" if args.step_temporaries else "arms"
     header = dict(
-        label=args.label, date=datetime.date.today().isoformat(), commit=git_commit(), torch=torch.__version__,
+        mode=mode, label=args.label, date=datetime.date.today().isoformat(), commit=git_commit(),
+        torch=torch.__version__,
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()})",
-        device_type=device.type, method=method(device), repeats=args.repeats, threads=args.threads,
-        command="python bench/peak_memory.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        device_type=device.type, method=method(device, mode), repeats=args.repeats, threads=args.threads,
+        command=shlex.join(["python", "bench/peak_memory.py", *(argv if argv is not None else sys.argv[1:])]),
     )
     if args.step_temporaries:
         args.step_backends = args.step_backends or ("auto,compiled" if device.type == "cpu" else "auto")
         result = dict(header, **step_temporaries_main(args, device))
-        out = Path(args.out or RESULTS / "peak_memory_step_temporaries")
-        _write(out, result, step_markdown(result))
+        write_outputs(Path(args.out or RESULTS / "peak_memory_step_temporaries"), result)
         return result
 
     patterns = [p.strip() for p in args.arms.split(",") if p.strip()]
@@ -827,21 +844,27 @@ def main(argv=None) -> dict:
     rows = [summarize(m, a, runs[(m, a.name)], reasons[a.name]) for m in models for a in arms]
     result = dict(header, size=args.size, models=models, configs=configs, warmup=args.warmup, rows=rows)
     print_table(result)
-    out = Path(args.out or RESULTS / "peak_memory")
-    _write(out, result, markdown(result))
-    try:
-        plot(result, _with_ext(out, "png"))
-        print(f"wrote {_with_ext(out, 'png')}")
-    except ImportError as exc:
-        print(f"no plot: {exc}")
+    write_outputs(Path(args.out or RESULTS / "peak_memory"), result)
     return result
 
 
-def _write(out: Path, result: dict, md: str) -> None:
+def write_outputs(out: Path, result: dict, json_too: bool = True) -> None:
+    """``<out>.json``, ``<out>.md`` and, for the arms, ``<out>.png``."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    _with_ext(out, "json").write_text(json.dumps(result, indent=1) + "\n")
-    _with_ext(out, "md").write_text(md)
-    print(f"wrote {_with_ext(out, 'json')} and {_with_ext(out, 'md')}")
+    written = []
+    if json_too:
+        written.append(_with_ext(out, "json"))
+        written[-1].write_text(json.dumps(result, indent=1) + "\n")
+    step_mode = result["mode"] == "step-temporaries"
+    written.append(_with_ext(out, "md"))
+    written[-1].write_text(step_markdown(result) if step_mode else markdown(result))
+    if not step_mode:
+        try:
+            plot(result, _with_ext(out, "png"))
+            written.append(_with_ext(out, "png"))
+        except ImportError as exc:
+            print(f"no plot: {exc}")
+    print("wrote " + ", ".join(map(str, written)))
 
 
 def _with_ext(out: Path, ext: str) -> Path:

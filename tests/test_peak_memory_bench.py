@@ -130,6 +130,14 @@ def test_tiny_run_writes_json_markdown_and_png(tiny_run):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
+def test_render_writes_the_same_markdown_again(pm, tiny_run):
+    out, _ = tiny_run
+    md = out.with_name("pm.md").read_text()
+    out.with_name("pm.md").unlink()
+    pm.main(["--render", str(out.with_name("pm.json"))])
+    assert out.with_name("pm.md").read_text() == md
+
+
 def test_tiny_run_phases_and_census_are_sane(tiny_run):
     _, result = tiny_run
     for row in result["rows"]:
