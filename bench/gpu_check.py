@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 KERNEL_TESTS = ("tests/test_kernels.py", "tests/test_kernels_stochastic.py", "tests/test_kernels_sharded.py",
                 "tests/test_grouped_steps.py", "tests/test_e4m3_targets.py")
-# The dry run's kernel tests: one bit-identity case per file kind, under the interpreter.
+# The dry run's kernel tests (under the interpreter): the E4M3 codec, and a quantized weight through the kernels.
 DRY_RUN_KERNEL_TESTS = "test_decode_all_256_codes_matches_torch or test_quantized_weight_uses_the_kernels_exactly"
 GRACE_S = 15  # after a section's budget: SIGINT (pytest writes its report), then SIGKILL after this many seconds
 LOG_TAIL_CHARS = 6000
