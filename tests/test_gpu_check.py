@@ -99,3 +99,21 @@ def test_dry_run_writes_one_json_with_every_section(tmp_path):
     assert [r["status"] for r in sections["peak_memory"]["results"]["rows"]] == ["ok"]
     assert {r["arm"] for r in sections["training"]["results"]["summary"]} == {"master", "eco-sr"}
     assert set((ROOT / "bench" / "results").iterdir()) == results_before  # a dry run measures no device
+
+
+def option(command: list[str], name: str) -> str:
+    return command[command.index(name) + 1]
+
+
+def test_the_gpu_plan_names_configs_formats_and_arms_that_exist(tmp_path):
+    """A renamed arm or config must fail here, not on the GPU (where the check runs once)."""
+    from eco_bench import memory_loss, peak_memory, step_speed
+
+    speed, memory, training = (s.command for s in gpu_check.plan(dry_run=False, workdir=tmp_path)[1:])
+    assert option(speed, "--config") in step_speed.CONFIGS
+    assert set(option(speed, "--formats").split(",")) <= set(step_speed.FORMAT_TAGS)
+    assert set(option(speed, "--states").split(",")) <= set(step_speed.STATES)
+    assert set(option(memory, "--models").split(",")) <= set(peak_memory.MODELS)
+    assert set(option(memory, "--arms").split(",")) <= {a.name for a in peak_memory.all_arms()}
+    cfg, jobs = memory_loss.parse_args(training[2:])
+    assert set(cfg.arms) <= set(memory_loss.ALL_ARMS) and cfg.device == "cuda" and jobs == 5
