@@ -657,5 +657,32 @@ def quantize(x: torch.Tensor, fmt: QuantFormat, rounding: str = "nearest",
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, fmt: QuantFormat, shape,
                dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """:meth:`QuantFormat.dequantize` with the backends' signature."""
-    return fmt.dequantize(codes, scales, shape, dtype)
+    """:meth:`QuantFormat.dequantize` with the backends' signature, piece by piece (the step's pieces).
+
+    Decoding works in fp32 and int32 (several times the output's bytes); on a
+    whole fused expert tensor, a layer of a MoE model, those temporaries would
+    dominate the peak memory of forward and backward. Pieces hold whole scale
+    groups, so the values are the same bits. Under ``torch.compile`` the
+    compiler plans the memory of one expression instead.
+    """
+    shape = torch.Size(shape)
+    lay = layout(shape)
+    piece_list = pieces(lay)
+    if (len(shape) < 2 or len(piece_list) <= 1 or torch.compiler.is_compiling()
+            or not (codes.is_contiguous() and scales.is_contiguous())):
+        return fmt.dequantize(codes, scales, shape, dtype)
+    out = torch.empty(shape, dtype=dtype, device=codes.device)
+    out_rows = out.view(lay.rows, lay.cols)
+    code_rows = _rows_view(codes, lay.rows)
+    scale_rows = scales.view(lay.matrices, -1) if fmt.tensorwise else _rows_view(scales, lay.rows)
+    for r0, r1 in piece_list:
+        if fmt.tensorwise:  # a piece is whole matrices or rows inside one: one scale per matrix it touches
+            m0 = r0 // lay.matrix_rows
+            m1 = max(r1 // lay.matrix_rows, m0 + 1)
+            piece_shape = (m1 - m0, lay.matrix_rows, lay.cols) if (r1 - r0) % lay.matrix_rows == 0 and \
+                r0 % lay.matrix_rows == 0 else (r1 - r0, lay.cols)
+            piece_scales = scale_rows[m0:m1]
+        else:
+            piece_shape, piece_scales = (r1 - r0, lay.cols), scale_rows[r0:r1]
+        out_rows[r0:r1] = fmt.dequantize(code_rows[r0:r1], piece_scales, piece_shape, dtype).view(r1 - r0, lay.cols)
+    return out

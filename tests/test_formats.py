@@ -1,5 +1,7 @@
 """Quantizers: shapes, zero groups, RTN idempotence and error bound, SR unbiasedness, INT4 packing."""
 
+import math
+
 import pytest
 import torch
 
@@ -128,3 +130,28 @@ def test_tensorwise_int4_has_one_scale_per_matrix():
     _, scales = fmt.quantize(x)
     assert scales.shape == (3, 1, 1)
     assert scales[1] > 50 * scales[0]
+
+
+
+@pytest.mark.parametrize("fmt", [eco.FP8(), eco.FP8(group_size=32), eco.INT4(), eco.INT4(group_size=32)], ids=str)
+@pytest.mark.parametrize("shape", [(4, 300, 1024), (2100, 512), (3, 5, 300_000)])
+def test_dequantize_in_pieces_gives_the_same_bits_with_bounded_temporaries(fmt, shape, monkeypatch):
+    """The reference dequantizes piece by piece (whole matrices, or rows inside one): same bits as one expression."""
+    from eco import reference
+
+    codes, scales = fmt.quantize(torch.randn(shape, generator=torch.Generator().manual_seed(0)))
+    dtypes = {torch.float32: torch.int32, torch.bfloat16: torch.int16}
+    whole = {dtype: fmt.dequantize(codes, scales, shape, dtype) for dtype in dtypes}
+    sizes = []
+    one_expression = type(fmt).dequantize
+
+    def recording(self, codes, scales, shape, dtype=torch.float32):
+        sizes.append(math.prod(shape))
+        return one_expression(self, codes, scales, shape, dtype)
+
+    monkeypatch.setattr(type(fmt), "dequantize", recording)
+    for dtype, bits in dtypes.items():
+        sizes.clear()
+        out = reference.dequantize(codes, scales, fmt, shape, dtype)
+        assert torch.equal(out.view(bits), whole[dtype].view(bits))
+        assert len(sizes) > 1 and max(sizes) <= max(reference.PIECE_ELEMENTS, shape[-1])  # at least one row
