@@ -1,0 +1,162 @@
+"""Quantized weights and eco's optimizers on PyTorch's own distributed engine (FSDP2, DCP, DDP).
+
+FSDP2 (``torch.distributed.fsdp.fully_shard``) shards every parameter along
+dim 0. A :class:`~eco.qparam.QuantizedTensor` parameter stays quantized: its
+shard is a ``QuantizedTensor`` holding the codes and scales of its rows (the
+formats keep scales local to rows, groups and experts for this reason; the one
+scale of a tensor-wise INT4 matrix is held by every shard). Before forward and
+backward, FSDP2 all-gathers what :meth:`QuantizedTensor.fsdp_pre_all_gather`
+returns, the shard's codes and scales (1 or 0.5 bytes per parameter plus the
+scales, instead of 2 for a bf16 weight), and :meth:`fsdp_post_all_gather` wraps
+the gathered buffers in a full ``QuantizedTensor`` (no copy): ops dequantize
+what they need from it, and autograd saves it, not a dequantized copy.
+Gradients are ordinary tensors, reduce-scattered as usual.
+
+Why the one-argument form of ``fsdp_pre_all_gather`` (the mesh only): FSDP2's
+five-argument form requires, on a rank whose shard is shorter than the others
+(rows not divisible by the world size), every all-gather input to have the
+padded *logical* shard shape, which packed INT4 codes and per-row scales cannot
+have. All-gather inputs must still be equally long on every rank, so a short
+shard is padded here to the padded row count; that count is read from the
+buffer FSDP2 cut the shard from (``fully_shard`` allocates the padded shard with
+``new_zeros`` and keeps a dim-0 prefix view of it as the local tensor).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .qparam import _HANDLERS, QuantizedTensor
+
+aten = torch.ops.aten
+
+
+def local_tensor(t):
+    """The shard this rank holds of a ``DTensor`` (FSDP2 parameters, gradients, sharded states); else ``t``."""
+    from torch.distributed.tensor import DTensor
+
+    return t._local_tensor if isinstance(t, DTensor) else t
+
+
+# ---------------------------------------------------------------- dim-0 views
+def _dim0_view(qt: QuantizedTensor, start: int, stop: int) -> QuantizedTensor:
+    """Rows ``start:stop`` of ``qt`` as a ``QuantizedTensor`` sharing its codes and scales."""
+    codes = qt.codes[start:stop]
+    scales = qt.scales if _one_scale(qt) else qt.scales[start:stop]
+    return qt._with(codes, scales, shape=(codes.shape[0], *qt.shape[1:]))
+
+
+def _one_scale(qt: QuantizedTensor) -> bool:
+    """True when one scale covers all rows (tensor-wise INT4 on a 2-D weight): every row slice shares it."""
+    return qt.fmt.tensorwise and qt.dim() == 2
+
+
+def _handles(*ops):
+    def register(fn):
+        for op in ops:
+            _HANDLERS[op] = fn
+        return fn
+    return register
+
+
+@_handles(aten.split.Tensor)
+def _split(func, args, kwargs):
+    qt, size = args[0], args[1]
+    dim = args[2] if len(args) > 2 else kwargs.get("dim", 0)
+    if dim not in (0, -qt.dim()):
+        return func(qt.dequantize(), *args[1:], **kwargs)
+    rows = qt.shape[0]
+    return [_dim0_view(qt, start, min(start + size, rows)) for start in range(0, rows, size)] or [qt]
+
+
+@_handles(aten.new_zeros.default, aten.new_empty.default)
+def _new_zeros(func, args, kwargs):
+    """A zero weight of the same format when the shape allows one (FSDP2 pads shards this way)."""
+    qt, size = args[0], tuple(args[1])
+    dtype = kwargs.get("dtype") or qt.dtype
+    device = kwargs.get("device") or qt.device
+    if len(size) != qt.dim() or size[1:] != tuple(qt.shape[1:]) or not dtype.is_floating_point:
+        return torch.zeros(size, dtype=dtype, device=device)
+    codes = qt.fmt.encode(torch.zeros(size, dtype=torch.int8, device=device))
+    scales = torch.ones(qt.fmt.scale_shape(size), dtype=qt.scales.dtype, device=device)
+    return QuantizedTensor(codes, scales, qt.fmt, size, dtype)
+
+
+@_handles(aten.slice.Tensor)
+def _slice(func, args, kwargs):
+    qt = args[0]
+    dim = args[1] if len(args) > 1 else 0
+    step = args[4] if len(args) > 4 else 1
+    if dim not in (0, -qt.dim()) or step != 1:
+        return func(qt.dequantize(), *args[1:], **kwargs)
+    start, stop, _ = slice(args[2] if len(args) > 2 else None, args[3] if len(args) > 3 else None).indices(
+        qt.shape[0])
+    return _dim0_view(qt, start, max(start, stop))
+
+
+@_handles(aten.as_strided.default)
+def _as_strided(func, args, kwargs):
+    """FSDP2 views the all-gathered weight as its unpadded size: a contiguous dim-0 prefix stays quantized."""
+    qt, size, stride = args[0], tuple(args[1]), tuple(args[2])
+    offset = args[3] if len(args) > 3 else kwargs.get("storage_offset", 0) or 0
+    prefix = (offset == 0 and len(size) == qt.dim() and size[1:] == tuple(qt.shape[1:]) and size[0] <= qt.shape[0]
+              and stride == tuple(qt.stride()))
+    if prefix:
+        return _dim0_view(qt, 0, size[0])
+    return func(qt.dequantize(), *args[1:], **kwargs)
+
+
+@_handles(aten.view.default)
+def _view(func, args, kwargs):
+    qt, size = args[0], list(args[1])
+    if size == list(qt.shape):
+        return qt._with(qt.codes, qt.scales)
+    if size in ([-1], [qt.numel()]):  # FSDP2 keeps ``padded_shard.view(-1)`` for the whole run
+        return _FlatView(qt)
+    return func(qt.dequantize(), *args[1:], **kwargs)
+
+
+class _FlatView(QuantizedTensor):
+    """``qt.view(-1)``: the same codes and scales, read as a 1-D tensor."""
+
+    @staticmethod
+    def __new__(cls, qt):
+        return QuantizedTensor.__new__(cls, qt.codes, qt.scales, qt.fmt, (qt.numel(),), qt.dtype)
+
+    def __init__(self, qt):
+        super().__init__(qt.codes, qt.scales, qt.fmt, (qt.numel(),), qt.dtype)
+        self.unflat = qt
+
+    def dequantize(self, dtype=None):
+        return self.unflat.dequantize(dtype).reshape(-1)
+
+
+# ---------------------------------------------------------------- FSDP2 all-gather
+def _rows_in_buffer(t: torch.Tensor) -> int:
+    """Rows of ``t``'s storage from ``t``'s first row on (a shard's padded row count)."""
+    row_bytes = t.shape[1:].numel() * t.element_size()
+    return (t.untyped_storage().nbytes() - t.storage_offset() * t.element_size()) // row_bytes
+
+
+def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """``t`` extended to ``rows`` rows over its own buffer (the padding FSDP2 allocated)."""
+    if t.shape[0] == rows:
+        return t
+    return torch.as_strided(t, (rows, *t.shape[1:]), t.stride(), t.storage_offset())
+
+
+def fsdp_pre_all_gather(qt: QuantizedTensor, mesh):
+    rows = _rows_in_buffer(qt.codes)
+    codes = _pad_rows(qt.codes, rows)
+    scales = qt.scales if _one_scale(qt) else _pad_rows(qt.scales, rows)
+    return (codes, scales), None
+
+
+def fsdp_post_all_gather(qt: QuantizedTensor, outputs, metadata, param_dtype, *, out=None):
+    codes, scales = outputs
+    if out is not None:  # ``out`` already views these buffers, which FSDP2 refilled in place
+        return None
+    if _one_scale(qt):
+        scales = scales[:1]
+    full = QuantizedTensor(codes, scales, qt.fmt, (codes.shape[0], *qt.shape[1:]), param_dtype)
+    return full, ()

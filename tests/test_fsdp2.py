@@ -1,0 +1,229 @@
+"""FSDP2 (``fully_shard``) keeps quantized weights quantized: shards hold codes and scales, the all-gather moves
+codes and scales, forward and backward match the unsharded model.
+
+Each world size runs once (process start-up dominates on CPU): ``_fsdp_checks`` runs every check on every rank
+and returns what the tests below assert on.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+import eco
+from tests.helpers import FORMATS
+from tests.multiprocess import run_ranks
+
+
+class Experts(nn.Module):
+    """Fused experts ``[experts, out, in]`` indexed per expert, as transformers' MoE blocks do."""
+
+    def __init__(self, experts: int, d_in: int, d_out: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(experts, d_out, d_in) / d_in**0.5)
+
+    def forward(self, x):
+        return sum(F.linear(x, self.weight[e]) for e in range(self.weight.shape[0]))
+
+
+class Net(nn.Module):
+    """Rows not divisible by the world size: ``head`` has 5 rows, ``experts`` 3 experts (an empty shard on 4 ranks)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(32, 32, bias=False)
+        self.norm = nn.LayerNorm(32)
+        self.experts = Experts(3, 32, 32)
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.experts(self.norm(self.inp(x)))))
+
+
+def quantized_net(fmt) -> Net:
+    torch.manual_seed(0)
+    return eco.quantize_(Net(), fmt, filter_fn=lambda name, p: p.dim() >= 2)
+
+
+def shard(model: Net, **kwargs) -> Net:
+    from torch.distributed.fsdp import fully_shard
+
+    fully_shard(model.experts, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+def inputs(rank: int) -> torch.Tensor:
+    return torch.randn(4, 32, generator=torch.Generator().manual_seed(100 + rank))
+
+
+class CountingAllGather:
+    """FSDP2's default all-gather, counting the bytes each rank sends (``set_custom_all_gather``)."""
+
+    def __init__(self):
+        from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultAllGather
+
+        self.inner = DefaultAllGather()
+        self.bytes = 0
+
+    def allocate(self, *args, **kwargs):
+        return self.inner.allocate(*args, **kwargs)
+
+    def __call__(self, output_tensor, input_tensor, group, async_op=False):
+        self.bytes += input_tensor.numel() * input_tensor.element_size()
+        return self.inner(output_tensor, input_tensor, group, async_op)
+
+
+def _local_rows(global_rows: int, rank: int, world_size: int) -> tuple[int, int]:
+    """The dim-0 rows torch.chunk gives ``rank`` (what FSDP2 shards): (start, stop)."""
+    per = -(-global_rows // world_size)
+    return min(rank * per, global_rows), min((rank + 1) * per, global_rows)
+
+
+def _check_forward_backward(rank, world_size, fmt, mp_policy):
+    """Outputs and (reduce-scattered) gradients of the sharded model against the unsharded one, same data."""
+    from torch.distributed.tensor import DTensor
+
+    reference = quantized_net(fmt)
+    model = shard(quantized_net(fmt), mp_policy=mp_policy)
+    x = inputs(0)  # the same batch on every rank: the mean of identical gradients is exact
+    if mp_policy.param_dtype is not None:
+        with torch.autocast("cpu", dtype=mp_policy.param_dtype):
+            expected = reference(x)
+    else:
+        expected = reference(x)
+    out = model(x)
+    out.float().square().mean().backward()
+    expected.float().square().mean().backward()
+    report = {"out_max_diff": (out.float() - expected.float()).abs().max().item(), "grads": {}, "shards": {}}
+    for (name, p), (_, ref) in zip(model.named_parameters(), reference.named_parameters(), strict=True):
+        assert isinstance(p, DTensor), name
+        start, stop = _local_rows(p.shape[0], rank, world_size)
+        grad = p.grad.to_local()
+        report["grads"][name] = (grad - ref.grad[start:stop]).abs().max().item() if grad.numel() else 0.0
+        local = p.to_local()
+        if isinstance(ref, eco.QuantizedTensor):
+            report["shards"][name] = dict(
+                type=type(local).__name__, rows=local.shape[0], expected_rows=stop - start,
+                codes_equal=bool(torch.equal(local.codes, ref.codes[start:stop])),
+                scales_equal=bool(torch.equal(local.scales, ref.scales if _one_scale(ref) else ref.scales[start:stop])),
+                grad_type=type(p.grad.to_local()).__name__,
+            )
+    return report
+
+
+def _one_scale(qt) -> bool:
+    return qt.fmt.tensorwise and qt.dim() == 2
+
+
+def _check_between_steps(rank, world_size, fmt):
+    """After forward and backward, nothing but the shards holds weight values (no dequantized copies)."""
+    model = shard(quantized_net(fmt))
+    model(inputs(rank)).sum().backward()
+    held = {}
+    for state_module in (model, model.experts):
+        for group in state_module._get_fsdp_state()._fsdp_param_groups:
+            for fsdp_param in group.fsdp_params:
+                gathered = [t.untyped_storage().nbytes() for t in fsdp_param.all_gather_outputs]
+                held[fsdp_param._param_fqn] = dict(
+                    param_type=type(fsdp_param.sharded_param.to_local()).__name__,
+                    padded_type=type(fsdp_param._sharded_param_data).__name__,
+                    gathered_bytes_between_steps=sum(gathered),
+                )
+    report = eco.memory_report(model)
+    return dict(held=held, memory=report.as_dict())
+
+
+def _all_gather_bytes(rank, world_size, fmt):
+    """Bytes one rank sends per forward+backward: eco's quantized shards vs. the same net in bf16 FSDP2."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    counts = {}
+    for arm in ("eco", "bf16"):
+        torch.manual_seed(0)
+        if arm == "eco":
+            model = shard(quantized_net(fmt))
+        else:
+            model = shard(Net(), mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))
+        comms = [CountingAllGather(), CountingAllGather()]
+        model.set_custom_all_gather(comms[0])
+        model.experts.set_custom_all_gather(comms[1])
+        model(inputs(rank)).float().sum().backward()
+        counts[arm] = sum(c.bytes for c in comms)
+    return counts
+
+
+def _fsdp_checks(rank, world_size):
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    out = {}
+    for fmt_name, fmt in FORMATS.items():
+        out[("fwd_bwd", fmt_name, "fp32")] = _check_forward_backward(rank, world_size, fmt, MixedPrecisionPolicy())
+        out[("between_steps", fmt_name)] = _check_between_steps(rank, world_size, fmt)
+        out[("bytes", fmt_name)] = _all_gather_bytes(rank, world_size, fmt)
+    out[("fwd_bwd", "int4_tensor", "bf16")] = _check_forward_backward(
+        rank, world_size, FORMATS["int4_tensor"], MixedPrecisionPolicy(param_dtype=torch.bfloat16))
+    dist.barrier()
+    return out
+
+
+@functools.cache
+def results(world_size: int) -> list[dict]:
+    return run_ranks(_fsdp_checks, world_size, timeout=240)
+
+
+WORLD_SIZES = [2, 4]
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+@pytest.mark.parametrize("fmt_name", list(FORMATS))
+def test_shards_hold_codes_and_scales_of_their_rows(world_size, fmt_name):
+    for rank, result in enumerate(results(world_size)):
+        for name, shard_info in result[("fwd_bwd", fmt_name, "fp32")]["shards"].items():
+            assert shard_info["type"] == "QuantizedTensor", (rank, name)
+            assert shard_info["rows"] == shard_info["expected_rows"], (rank, name)
+            assert shard_info["codes_equal"] and shard_info["scales_equal"], (rank, name)
+            assert shard_info["grad_type"] == "Tensor", (rank, name)
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+@pytest.mark.parametrize("fmt_name", list(FORMATS))
+def test_forward_and_gradients_match_the_unsharded_model(world_size, fmt_name):
+    for rank, result in enumerate(results(world_size)):
+        check = result[("fwd_bwd", fmt_name, "fp32")]
+        assert check["out_max_diff"] == 0.0, rank
+        assert max(check["grads"].values()) <= 1e-6, (rank, check["grads"])
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_mixed_precision_policy_bf16(world_size):
+    for rank, result in enumerate(results(world_size)):
+        check = result[("fwd_bwd", "int4_tensor", "bf16")]
+        assert check["out_max_diff"] < 0.05, rank  # bf16 compute (autocast reference) vs bf16 params
+        assert all(s["codes_equal"] for s in check["shards"].values()), rank
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+@pytest.mark.parametrize("fmt_name", list(FORMATS))
+def test_nothing_but_shards_between_steps(world_size, fmt_name):
+    for rank, result in enumerate(results(world_size)):
+        held = result[("between_steps", fmt_name)]["held"]
+        for fqn, info in held.items():
+            if fqn.endswith("weight") and fqn != "norm.weight":
+                assert info["param_type"] == "QuantizedTensor" and info["padded_type"] != "Tensor", (rank, fqn)
+            assert info["gathered_bytes_between_steps"] == 0, (rank, fqn)
+
+
+@pytest.mark.parametrize("fmt_name", list(FORMATS))
+def test_all_gather_moves_codes_and_scales(fmt_name):
+    world_size = 2
+    for rank, result in enumerate(results(world_size)):
+        counts = result[("bytes", fmt_name)]
+        bits = FORMATS[fmt_name].bits
+        # forward and backward each gather every weight once (the root's reshard_after_forward=False keeps its own)
+        assert counts["eco"] < counts["bf16"] * (bits / 16 + 0.2), (rank, counts)
