@@ -25,6 +25,8 @@ buffer FSDP2 cut the shard from (``fully_shard`` allocates the padded shard with
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from .qparam import _HANDLERS, QuantizedTensor
 
@@ -33,9 +35,110 @@ aten = torch.ops.aten
 
 def local_tensor(t):
     """The shard this rank holds of a ``DTensor`` (FSDP2 parameters, gradients, sharded states); else ``t``."""
-    from torch.distributed.tensor import DTensor
-
     return t._local_tensor if isinstance(t, DTensor) else t
+
+
+# ---------------------------------------------------------------- the optimizer on shards
+def zeros_like_param(p: torch.Tensor, shape, dtype: torch.dtype) -> torch.Tensor:
+    """A zero optimizer state of ``shape`` (``p.shape``, plus trailing dims of a complex parameter's real view)
+    for ``p``: sharded like ``p`` (a ``DTensor``, so DCP can reshard it) when ``p`` is."""
+    if not isinstance(p, DTensor):
+        return torch.zeros(shape, dtype=dtype, device=p.device)
+    local = torch.zeros((*p._local_tensor.shape, *shape[p.dim():]), dtype=dtype, device=p._local_tensor.device)
+    whole = torch.empty(shape, device="meta")
+    return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=whole.shape,
+                              stride=whole.stride())
+
+
+def shardwise(p: torch.Tensor, fn) -> torch.Tensor:
+    """``fn`` applied to ``p``, or to each rank's shard of ``p`` (the result sharded like ``p``)."""
+    return _like(p, fn(p._local_tensor)) if isinstance(p, DTensor) else fn(p)
+
+
+def _like(p: DTensor, local: torch.Tensor) -> DTensor:
+    return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+
+
+def local_view(p: torch.Tensor) -> torch.Tensor:
+    """What the optimizer steps for parameter ``p``: ``p`` itself, or, for a ``DTensor``, a fresh alias of this
+    rank's shard that carries the shard of the gradient as ``.grad`` (gone after the step), and
+    ``shard_offset``/``shard_reduce`` (see :func:`shard_offset`, :func:`shard_reduce`)."""
+    if not isinstance(p, DTensor):
+        return p
+    start = _dim0_start(p)
+    view = p._local_tensor.detach()
+    view.grad = local_tensor(p.grad)
+    view.shard_offset = start * p.shape[1:].numel()
+    view.shard_groups = _shard_groups(p)
+    return view
+
+
+def local_state(state: dict) -> dict:
+    """``state`` with each sharded tensor replaced by this rank's shard (the step writes into it in place)."""
+    return {key: local_tensor(value) for key, value in state.items()}
+
+
+def shard_offset(view: torch.Tensor) -> int:
+    """Row-major index, in the whole (unsharded) tensor, of the first element of the shard ``view``."""
+    return getattr(view, "shard_offset", 0)
+
+
+def shard_reduce(view: torch.Tensor):
+    """``reduce(tensor, op)``, an in-place all-reduce (``op``: ``"max"`` or ``"sum"``) over the ranks holding
+    the other rows of ``view``; None for an unsharded tensor."""
+    groups = getattr(view, "shard_groups", ())
+    if not groups:
+        return None
+
+    def reduce(tensor: torch.Tensor, op: str) -> torch.Tensor:
+        for group in groups:
+            dist.all_reduce(tensor, op=_REDUCE_OPS[op], group=group)
+        return tensor
+
+    return reduce
+
+
+_REDUCE_OPS = {"max": dist.ReduceOp.MAX, "sum": dist.ReduceOp.SUM}
+
+
+def _dim0_start(p: DTensor) -> int:
+    """First global row of this rank's shard; refuses layouts whose shard is not one block of whole rows."""
+    from torch.distributed.tensor.placement_types import Replicate, Shard
+
+    if any(type(pl) not in (Shard, Replicate) or (type(pl) is Shard and pl.dim != 0) for pl in p.placements):
+        raise NotImplementedError(
+            f"eco's optimizers step DTensor parameters sharded along dim 0 (FSDP2's default), got placements "
+            f"{p.placements} for a parameter of shape {tuple(p.shape)}"
+        )
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    return offset[0] if offset else 0
+
+
+def _shard_groups(p: DTensor) -> list:
+    """Process groups across which ``p``'s rows are split (the mesh dimensions it is sharded over)."""
+    return [p.device_mesh.get_group(dim) for dim, pl in enumerate(p.placements)
+            if pl.is_shard() and p.device_mesh.size(dim) > 1]
+
+
+def all_ranks_agree(flag: bool, params) -> bool:
+    """``flag`` if it holds on every rank sharing sharded ``params`` with this one (one all-reduce), else False.
+
+    A step is skipped everywhere or nowhere: a NaN in one shard's gradient is seen by that rank only.
+    """
+    groups = {}
+    for p in params:
+        if isinstance(p, DTensor):
+            for dim in range(p.device_mesh.ndim):
+                if p.device_mesh.size(dim) > 1:
+                    group = p.device_mesh.get_group(dim)
+                    groups[id(group)] = (group, p.device_mesh.device_type)
+    for group, device_type in groups.values():
+        value = torch.tensor([int(flag)], dtype=torch.int32, device=device_type)
+        dist.all_reduce(value, op=dist.ReduceOp.MIN, group=group)
+        flag = bool(value.item())
+    return flag
 
 
 # ---------------------------------------------------------------- dim-0 views

@@ -40,7 +40,7 @@ from copy import deepcopy
 
 import torch
 
-from . import backends, reference
+from . import backends, distributed, reference
 from .formats import STATE_DTYPES, check_rounding
 from .qparam import QuantizedTensor
 
@@ -209,7 +209,7 @@ class _ECOOptimizer(torch.optim.Optimizer):
         """Shape and dtype of each state tensor of ``p``: what a fresh state holds and a saved one must match."""
         shape = p.shape + (2,) if p.is_complex() else p.shape  # complex: the real view's
         layout = dict.fromkeys(self.moment_names, (shape, self.state_dtype))
-        if isinstance(p, QuantizedTensor) and group["master_weights"]:
+        if isinstance(distributed.local_tensor(p), QuantizedTensor) and group["master_weights"]:
             layout["master"] = (shape, torch.float32)
         return layout
 
@@ -218,8 +218,8 @@ class _ECOOptimizer(torch.optim.Optimizer):
         if not state:
             state["step"] = 0
             for name, (shape, dtype) in self._state_layout(p, group).items():
-                state[name] = (p.dequantize(torch.float32) if name == "master"
-                               else torch.zeros(shape, dtype=dtype, device=p.device))
+                state[name] = (distributed.shardwise(p, lambda w: w.dequantize(torch.float32)) if name == "master"
+                               else distributed.zeros_like_param(p, shape, dtype))
         return state
 
     def _check_state(self, p: torch.Tensor, group: dict) -> None:
@@ -271,7 +271,7 @@ class _ECOOptimizer(torch.optim.Optimizer):
                         "(for nn.Embedding, sparse=False)"
                     )
                 self._check_state(p, resolved)
-                work.append((resolved, p, backends.select(self.backend, p)))
+                work.append((resolved, p, backends.select(self.backend, distributed.local_tensor(p))))
         return work
 
     @torch.no_grad()
@@ -281,7 +281,8 @@ class _ECOOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         work = self._checked_work()
-        if not _all_finite([_real(p.grad) for _, p, _ in work]):
+        finite = _all_finite([_real(distributed.local_tensor(p.grad)) for _, p, _ in work])
+        if not distributed.all_ranks_agree(finite, [p for _, p, _ in work]):
             if self.nonfinite == "raise":
                 raise FloatingPointError(
                     "a gradient holds NaN or inf; nothing was updated. Lower the learning rate, clip or "
@@ -299,8 +300,11 @@ class _ECOOptimizer(torch.optim.Optimizer):
         for group, p, backend in work:
             state = self._state_for(p, group)
             state["step"] += 1
+            p, state = distributed.local_view(p), distributed.local_state(state)  # this rank's shards (FSDP2)
             if isinstance(p, QuantizedTensor):
                 seed = self._next_seed() if group["rounding"] == "stochastic" else None
+                if p.numel() == 0:  # a rank holding no rows of it (FSDP2): its seed is drawn, as on every rank
+                    continue
                 key = (backend.__name__, id(group), state["step"], p.fmt)
                 quantized_batches.setdefault(key, (backend, group, state["step"], []))[3].append((p, state, seed))
             else:
@@ -438,11 +442,12 @@ class _ECOOptimizer(torch.optim.Optimizer):
 
     @staticmethod
     def _check_finite_states(state: dict) -> None:
-        tensors = [(p, k, v) for p, st in state.items() if isinstance(p, torch.Tensor)
+        tensors = [(p, k, distributed.local_tensor(v)) for p, st in state.items() if isinstance(p, torch.Tensor)
                    for k, v in st.items() if isinstance(v, torch.Tensor) and v.is_floating_point()]
-        if _all_finite([v for _, _, v in tensors]):
+        finite = _all_finite([v for _, _, v in tensors])
+        if distributed.all_ranks_agree(finite, list(state)):  # every rank refuses, or none
             return
-        bad = next(k for _, k, v in tensors if not _all_finite([v]))
+        bad = next((k for _, k, v in tensors if not _all_finite([v])), "(on another rank)")
         raise ValueError(
             f"a saved {bad!r} state holds NaN or inf: stepping from it would write NaN or zeros into the weights. "
             "Resume from an earlier checkpoint. Nothing was loaded."
@@ -450,8 +455,8 @@ class _ECOOptimizer(torch.optim.Optimizer):
 
     def _formats(self) -> list:
         """The quantization format of every parameter, in param-group order (None: unquantized)."""
-        return [p.fmt.config() if isinstance(p, QuantizedTensor) else None
-                for g in self.param_groups for p in g["params"]]
+        shards = [distributed.local_tensor(p) for g in self.param_groups for p in g["params"]]
+        return [p.fmt.config() if isinstance(p, QuantizedTensor) else None for p in shards]
 
     def _saved_id_to_param(self, state_dict: dict) -> dict:
         saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]

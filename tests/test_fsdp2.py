@@ -158,6 +158,51 @@ def _all_gather_bytes(rank, world_size, fmt):
     return counts
 
 
+def _values(p: torch.Tensor) -> torch.Tensor:
+    return p.dequantize() if isinstance(p, eco.QuantizedTensor) else p.detach()
+
+
+def _given_grads(model: Net, step: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1000 + step)
+    return {name: torch.randn(p.shape, generator=gen) * 1e-2 for name, p in model.named_parameters()}
+
+
+def _check_sharded_step(rank, world_size, fmt, optimizer_cls, options, steps=3):
+    """Given the same gradients, eco's step on shards equals the step on the whole tensors, bit for bit."""
+    from torch.distributed.tensor import DTensor
+
+    reference = quantized_net(fmt)
+    model = shard(quantized_net(fmt))
+    opt_ref = optimizer_cls(reference.parameters(), seed=7, **options)
+    opt = optimizer_cls(model.parameters(), seed=7, **options)
+    mismatches = []
+    for step in range(steps):
+        grads = _given_grads(reference, step)
+        for name, p in reference.named_parameters():
+            p.grad = grads[name].clone()
+        for name, p in model.named_parameters():
+            start, stop = _local_rows(p.shape[0], rank, world_size)
+            p.grad = DTensor.from_local(grads[name][start:stop].clone(), p.device_mesh, p.placements,
+                                        shape=p.shape, stride=p.stride())
+        opt_ref.step()
+        opt.step()
+        for (name, p), (_, ref) in zip(model.named_parameters(), reference.named_parameters(), strict=True):
+            start, stop = _local_rows(p.shape[0], rank, world_size)
+            local = p.to_local()
+            pairs = {"value": (_values(local), _values(ref)[start:stop])}
+            if isinstance(local, eco.QuantizedTensor):
+                pairs["codes"] = (local.codes.view(torch.uint8), ref.codes[start:stop].view(torch.uint8))
+                pairs["scales"] = (local.scales, ref.scales if _one_scale(ref) else ref.scales[start:stop])
+            for key, value in opt.state[p].items():
+                if isinstance(value, torch.Tensor):
+                    assert isinstance(value, DTensor), (name, key)
+                    pairs[key] = (value.to_local(), opt_ref.state[ref][key][start:stop])
+            for what, (a, b) in pairs.items():
+                if not torch.equal(a.view(torch.uint8) if a.dtype.itemsize == 1 else a, b):
+                    mismatches.append((step, name, what, int((a != b).sum())))
+    return mismatches
+
+
 def _fsdp_checks(rank, world_size):
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
@@ -166,6 +211,12 @@ def _fsdp_checks(rank, world_size):
         out[("fwd_bwd", fmt_name, "fp32")] = _check_forward_backward(rank, world_size, fmt, MixedPrecisionPolicy())
         out[("between_steps", fmt_name)] = _check_between_steps(rank, world_size, fmt)
         out[("bytes", fmt_name)] = _all_gather_bytes(rank, world_size, fmt)
+    for fmt_name, fmt in FORMATS.items():
+        for rounding in ("nearest",):
+            out[("step", fmt_name, "adamw", rounding)] = _check_sharded_step(
+                rank, world_size, fmt, eco.AdamW, dict(lr=1e-2, weight_decay=0.1, rounding=rounding))
+            out[("step", fmt_name, "sgd", rounding)] = _check_sharded_step(
+                rank, world_size, fmt, eco.SGD, dict(lr=1e-1, momentum=0.9, rounding=rounding))
     out[("fwd_bwd", "int4_tensor", "bf16")] = _check_forward_backward(
         rank, world_size, FORMATS["int4_tensor"], MixedPrecisionPolicy(param_dtype=torch.bfloat16))
     dist.barrier()
@@ -227,3 +278,12 @@ def test_all_gather_moves_codes_and_scales(fmt_name):
         bits = FORMATS[fmt_name].bits
         # forward and backward each gather every weight once (the root's reshard_after_forward=False keeps its own)
         assert counts["eco"] < counts["bf16"] * (bits / 16 + 0.2), (rank, counts)
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+@pytest.mark.parametrize("rounding", ["nearest"])
+@pytest.mark.parametrize("fmt_name", list(FORMATS))
+def test_sharded_step_equals_unsharded_step_bit_for_bit(world_size, fmt_name, optimizer, rounding):
+    for rank, result in enumerate(results(world_size)):
+        assert result[("step", fmt_name, optimizer, rounding)] == [], rank
