@@ -12,54 +12,10 @@ import functools
 import pytest
 import torch
 import torch.distributed as dist
-import torch.nn as nn
-import torch.nn.functional as F
 
 import eco
+from tests.distributed_helpers import Net, inputs, local_rows, quantized_net, run_ranks, shard
 from tests.helpers import FORMATS
-from tests.multiprocess import run_ranks
-
-
-class Experts(nn.Module):
-    """Fused experts ``[experts, out, in]`` indexed per expert, as transformers' MoE blocks do."""
-
-    def __init__(self, experts: int, d_in: int, d_out: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(experts, d_out, d_in) / d_in**0.5)
-
-    def forward(self, x):
-        return sum(F.linear(x, self.weight[e]) for e in range(self.weight.shape[0]))
-
-
-class Net(nn.Module):
-    """Rows not divisible by the world size: ``head`` has 5 rows, ``experts`` 3 experts (an empty shard on 4 ranks)."""
-
-    def __init__(self):
-        super().__init__()
-        self.inp = nn.Linear(32, 32, bias=False)
-        self.norm = nn.LayerNorm(32)
-        self.experts = Experts(3, 32, 32)
-        self.head = nn.Linear(32, 5)
-
-    def forward(self, x):
-        return self.head(torch.tanh(self.experts(self.norm(self.inp(x)))))
-
-
-def quantized_net(fmt) -> Net:
-    torch.manual_seed(0)
-    return eco.quantize_(Net(), fmt, filter_fn=lambda name, p: p.dim() >= 2)
-
-
-def shard(model: Net, **kwargs) -> Net:
-    from torch.distributed.fsdp import fully_shard
-
-    fully_shard(model.experts, **kwargs)
-    fully_shard(model, **kwargs)
-    return model
-
-
-def inputs(rank: int) -> torch.Tensor:
-    return torch.randn(4, 32, generator=torch.Generator().manual_seed(100 + rank))
 
 
 class CountingAllGather:
@@ -77,12 +33,6 @@ class CountingAllGather:
     def __call__(self, output_tensor, input_tensor, group, async_op=False):
         self.bytes += input_tensor.numel() * input_tensor.element_size()
         return self.inner(output_tensor, input_tensor, group, async_op)
-
-
-def _local_rows(global_rows: int, rank: int, world_size: int) -> tuple[int, int]:
-    """The dim-0 rows torch.chunk gives ``rank`` (what FSDP2 shards): (start, stop)."""
-    per = -(-global_rows // world_size)
-    return min(rank * per, global_rows), min((rank + 1) * per, global_rows)
 
 
 def _check_forward_backward(rank, world_size, fmt, mp_policy):
@@ -103,7 +53,7 @@ def _check_forward_backward(rank, world_size, fmt, mp_policy):
     report = {"out_max_diff": (out.float() - expected.float()).abs().max().item(), "grads": {}, "shards": {}}
     for (name, p), (_, ref) in zip(model.named_parameters(), reference.named_parameters(), strict=True):
         assert isinstance(p, DTensor), name
-        start, stop = _local_rows(p.shape[0], rank, world_size)
+        start, stop = local_rows(p.shape[0], rank, world_size)
         grad = p.grad.to_local()
         report["grads"][name] = (grad - ref.grad[start:stop]).abs().max().item() if grad.numel() else 0.0
         local = p.to_local()
@@ -181,13 +131,13 @@ def _check_sharded_step(rank, world_size, fmt, optimizer_cls, options, steps=3):
         for name, p in reference.named_parameters():
             p.grad = grads[name].clone()
         for name, p in model.named_parameters():
-            start, stop = _local_rows(p.shape[0], rank, world_size)
+            start, stop = local_rows(p.shape[0], rank, world_size)
             p.grad = DTensor.from_local(grads[name][start:stop].clone(), p.device_mesh, p.placements,
                                         shape=p.shape, stride=p.stride())
         opt_ref.step()
         opt.step()
         for (name, p), (_, ref) in zip(model.named_parameters(), reference.named_parameters(), strict=True):
-            start, stop = _local_rows(p.shape[0], rank, world_size)
+            start, stop = local_rows(p.shape[0], rank, world_size)
             local = p.to_local()
             pairs = {"value": (_values(local), _values(ref)[start:stop])}
             if isinstance(local, eco.QuantizedTensor):
@@ -201,6 +151,40 @@ def _check_sharded_step(rank, world_size, fmt, optimizer_cls, options, steps=3):
                 if not torch.equal(a.view(torch.uint8) if a.dtype.itemsize == 1 else a, b):
                     mismatches.append((step, name, what, int((a != b).sum())))
     return mismatches
+
+
+def _targets(rank: int) -> torch.Tensor:
+    return torch.randn(4, 5, generator=torch.Generator().manual_seed(200 + rank))
+
+
+def _check_end_to_end(rank, world_size, fmt, same_data, steps=5):
+    """Losses of a few steps of training on ``world_size`` FSDP2 ranks and of the same training in one process
+    (every rank runs that reference itself: the net is tiny). With different data per rank, the reference trains
+    on all ranks' batches at once (the mean over the union is the mean of the per-rank means: equal batch sizes)."""
+    options = dict(lr=1e-2, weight_decay=0.1, rounding="nearest", seed=3)
+    reference = quantized_net(fmt)
+    model = shard(quantized_net(fmt))
+    opt_ref, opt = eco.AdamW(reference.parameters(), **options), eco.AdamW(model.parameters(), **options)
+    ranks = [0] if same_data else list(range(world_size))
+    losses, ref_losses = [], []
+    for step in range(steps):
+        seed = (0 if same_data else rank) + 10 * step
+        x, y = inputs(seed), _targets(seed)
+        loss = (model(x) - y).square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        total = loss.detach().clone()
+        dist.all_reduce(total)
+        losses.append((total / world_size).item())
+        xs = torch.cat([inputs(r + 10 * step) for r in ranks])
+        ys = torch.cat([_targets(r + 10 * step) for r in ranks])
+        ref_loss = (reference(xs) - ys).square().mean()
+        ref_loss.backward()
+        opt_ref.step()
+        opt_ref.zero_grad()
+        ref_losses.append(ref_loss.item())
+    return losses, ref_losses
 
 
 def _fsdp_checks(rank, world_size):
@@ -217,6 +201,8 @@ def _fsdp_checks(rank, world_size):
                 rank, world_size, fmt, eco.AdamW, dict(lr=1e-2, weight_decay=0.1, rounding=rounding))
             out[("step", fmt_name, "sgd", rounding)] = _check_sharded_step(
                 rank, world_size, fmt, eco.SGD, dict(lr=1e-1, momentum=0.9, rounding=rounding))
+    for same_data in (True, False):
+        out[("e2e", same_data)] = _check_end_to_end(rank, world_size, FORMATS["fp8_row"], same_data)
     out[("fwd_bwd", "int4_tensor", "bf16")] = _check_forward_backward(
         rank, world_size, FORMATS["int4_tensor"], MixedPrecisionPolicy(param_dtype=torch.bfloat16))
     dist.barrier()
@@ -287,3 +273,18 @@ def test_all_gather_moves_codes_and_scales(fmt_name):
 def test_sharded_step_equals_unsharded_step_bit_for_bit(world_size, fmt_name, optimizer, rounding):
     for rank, result in enumerate(results(world_size)):
         assert result[("step", fmt_name, optimizer, rounding)] == [], rank
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_training_loss_matches_one_process_bit_for_bit_on_the_same_data(world_size):
+    """Every rank on the same batch: averaging identical gradients is exact (a power-of-two world size)."""
+    for result in results(world_size):
+        losses, reference = result[("e2e", True)]
+        assert losses == reference
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_training_loss_matches_one_process_within_reduction_rounding(world_size):
+    for result in results(world_size):
+        losses, reference = result[("e2e", False)]
+        torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference), rtol=1e-4, atol=0)
