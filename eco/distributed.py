@@ -256,10 +256,15 @@ def fsdp_pre_all_gather(qt: QuantizedTensor, mesh):
 
 
 def fsdp_post_all_gather(qt: QuantizedTensor, outputs, metadata, param_dtype, *, out=None):
-    codes, scales = outputs
     if out is not None:  # ``out`` already views these buffers, which FSDP2 refilled in place
         return None
-    if _one_scale(qt):
-        scales = scales[:1]
+    if len(outputs) == 1:
+        # One rank: FSDP2 (torch 2.13) copies only the first all-gather input; the shard is the whole
+        # weight, so its own scales are the scales (updated in place by the optimizer, as the codes' source is).
+        (codes,), scales = outputs, qt.scales
+    else:
+        codes, scales = outputs
+        if _one_scale(qt):
+            scales = scales[:1]
     full = QuantizedTensor(codes, scales, qt.fmt, (codes.shape[0], *qt.shape[1:]), param_dtype)
     return full, ()
