@@ -214,7 +214,7 @@ def results(world_size: int) -> list[dict]:
     return run_ranks(_fsdp_checks, world_size, timeout=240)
 
 
-WORLD_SIZES = [2, 4]
+WORLD_SIZES = [1, 2, 4]
 
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
