@@ -72,9 +72,13 @@ def _one_scale(qt) -> bool:
 
 
 def _check_between_steps(rank, world_size, fmt):
-    """After forward and backward, nothing but the shards holds weight values (no dequantized copies)."""
+    """After forward, backward and a step, nothing but the shards holds weight values (no dequantized copies):
+    FSDP2 keeps quantized shards (also its padded flat view of them) and has freed what it gathered, and the
+    optimizer holds its moments only."""
     model = shard(quantized_net(fmt))
+    optimizer = eco.AdamW(model.parameters(), lr=1e-2)
     model(inputs(rank)).sum().backward()
+    optimizer.step()
     held = {}
     for state_module in (model, model.experts):
         for group in state_module._get_fsdp_state()._fsdp_param_groups:
@@ -85,8 +89,13 @@ def _check_between_steps(rank, world_size, fmt):
                     padded_type=type(fsdp_param._sharded_param_data).__name__,
                     gathered_bytes_between_steps=sum(gathered),
                 )
-    report = eco.memory_report(model)
-    return dict(held=held, memory=report.as_dict())
+    report = eco.memory_report(model, optimizer)
+    shard_bytes = {}
+    for name, p in model.named_parameters():
+        local = p.to_local()
+        tensors = [local.codes, local.scales] if isinstance(local, eco.QuantizedTensor) else [local]
+        shard_bytes[name] = sum(t.untyped_storage().nbytes() for t in tensors)
+    return dict(held=held, memory=report.as_dict(), shard_bytes=shard_bytes)
 
 
 def _all_gather_bytes(rank, world_size, fmt):
@@ -254,6 +263,12 @@ def test_nothing_but_shards_between_steps(world_size, fmt_name):
             if fqn.endswith("weight") and fqn != "norm.weight":
                 assert info["param_type"] == "QuantizedTensor" and info["padded_type"] != "Tensor", (rank, fqn)
             assert info["gathered_bytes_between_steps"] == 0, (rank, fqn)
+        memory = result[("between_steps", fmt_name)]["memory"]
+        assert set(memory["bytes_by_kind"]) == {"weight codes", "weight scales", "unquantized params",
+                                                 "momentum (m)", "second moment (v)"}, rank
+        shard_bytes = result[("between_steps", fmt_name)]["shard_bytes"]
+        weights = sum(memory["bytes_by_kind"][k] for k in ("weight codes", "weight scales", "unquantized params"))
+        assert weights == sum(shard_bytes.values()), rank  # the rank's shards, nothing else
 
 
 @pytest.mark.parametrize("fmt_name", list(FORMATS))
