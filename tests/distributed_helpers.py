@@ -85,6 +85,24 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 120.0) -> list:
     return [torch.load(io.BytesIO(out[r]), weights_only=False) for r in range(world_size)]
 
 
+_RUNS: dict = {}
+
+
+def run_ranks_once(fn, world_size: int, *args, timeout: float = 120.0) -> list:
+    """:func:`run_ranks`, run once per test session for the same arguments: many tests assert on one run (process
+    start-up dominates on CPU). A failed run fails every test that uses it without running again."""
+    key = (fn.__module__, fn.__qualname__, world_size, args)
+    if key not in _RUNS:
+        try:
+            _RUNS[key] = (True, run_ranks(fn, world_size, *args, timeout=timeout))
+        except AssertionError as err:
+            _RUNS[key] = (False, str(err))
+    ok, value = _RUNS[key]
+    if not ok:
+        raise AssertionError(f"the shared {world_size}-rank run of {fn.__qualname__} failed:\n{value}")
+    return value
+
+
 # ---------------------------------------------------------------- a model for sharding
 class Experts(nn.Module):
     """Fused experts ``[experts, out, in]`` indexed per expert, as transformers' MoE blocks do."""

@@ -10,7 +10,6 @@ dequantized weights: its size on disk is within 10% of the bytes of the tensors 
 
 from __future__ import annotations
 
-import functools
 import os
 
 import pytest
@@ -19,12 +18,12 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 import eco
-from tests.distributed_helpers import inputs, quantized_net, run_ranks, shard
+from tests.distributed_helpers import inputs, quantized_net, run_ranks_once, shard
 from tests.helpers import FORMATS
 
 DIM = 256  # big enough that DCP's per-item file overhead (about 1.3-1.5 KB) is small next to the data
 SAVE_AT, STEPS = 2, 4
-CASES = [("int4_group32", "nearest"), ("fp8_row", "nearest"), ("int4_group32", "stochastic")]
+CASES = [("int4-group32", "nearest"), ("fp8-row", "nearest"), ("int4-group32", "stochastic")]
 
 
 def _build(fmt_name, rounding, sharded, seed):
@@ -117,9 +116,8 @@ def _resume_on(rank, world_size, root):
     return {case: _load_and_train(*case, os.path.join(root, "-".join(case)), sharded=True) for case in CASES}
 
 
-@functools.cache
 def checkpoints(root: str):
-    return run_ranks(_save_and_resume, 2, root, timeout=300)
+    return run_ranks_once(_save_and_resume, 2, root, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +141,7 @@ def _assert_same(per_rank_a: list[dict], per_rank_b: list[dict]):
     """Rank-for-rank, or whole tensors when the world sizes differ."""
     keys = per_rank_a[0].keys()
     assert keys == per_rank_b[0].keys()
-    model = quantized_net(FORMATS["fp8_row"], dim=DIM)
+    model = quantized_net(FORMATS["fp8-row"], dim=DIM)
     rows = {}
     for name, p in model.named_parameters():
         for key in keys:
@@ -173,10 +171,9 @@ def test_resume_in_one_process_without_fsdp_is_bit_identical(root, case):
     _assert_same([r[case]["uninterrupted"] for r in results], [resumed])
 
 
-@functools.cache
 def resumed_on_four_ranks(root: str):
     checkpoints(root)
-    return run_ranks(_resume_on, 4, root, timeout=300)
+    return run_ranks_once(_resume_on, 4, root, timeout=600)
 
 
 @pytest.mark.parametrize("case", CASES, ids=["-".join(c) for c in CASES])

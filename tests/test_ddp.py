@@ -18,7 +18,7 @@ def _replica(rank, world_size):
     from torch.nn.parallel import DistributedDataParallel
 
     out = {}
-    for fmt_name in ("int4_tensor", "fp8_row"):
+    for fmt_name in ("int4-tensor", "fp8-row"):
         torch.manual_seed(rank)  # per-rank seeding: different init here, different data below
         model = eco.quantize_(nn.Sequential(nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 8)), FORMATS[fmt_name])
         ddp = DistributedDataParallel(model)

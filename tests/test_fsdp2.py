@@ -7,14 +7,12 @@ and returns what the tests below assert on.
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 import torch.distributed as dist
 
 import eco
-from tests.distributed_helpers import Net, inputs, local_rows, quantized_net, run_ranks, shard
+from tests.distributed_helpers import Net, inputs, local_rows, quantized_net, run_ranks_once, shard
 from tests.helpers import FORMATS
 
 
@@ -196,6 +194,15 @@ def _check_end_to_end(rank, world_size, fmt, same_data, steps=5):
     return losses, ref_losses
 
 
+OPTIMIZERS = {
+    "adamw": (eco.AdamW, dict(lr=1e-2, weight_decay=0.1)),
+    "sgd": (eco.SGD, dict(lr=1e-1, momentum=0.9)),
+}
+ROUNDINGS = ["nearest"]
+WORLD_SIZES = [1, 2, 4]
+FULL = (1, 2)  # 4 ranks on a 2-core CI machine are slow: there, only what differs at 4 (empty shards)
+
+
 def _fsdp_checks(rank, world_size):
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
@@ -203,27 +210,25 @@ def _fsdp_checks(rank, world_size):
     for fmt_name, fmt in FORMATS.items():
         out[("fwd_bwd", fmt_name, "fp32")] = _check_forward_backward(rank, world_size, fmt, MixedPrecisionPolicy())
         out[("between_steps", fmt_name)] = _check_between_steps(rank, world_size, fmt)
-        out[("bytes", fmt_name)] = _all_gather_bytes(rank, world_size, fmt)
-    for fmt_name, fmt in FORMATS.items():
-        for rounding in ("nearest",):
-            out[("step", fmt_name, "adamw", rounding)] = _check_sharded_step(
-                rank, world_size, fmt, eco.AdamW, dict(lr=1e-2, weight_decay=0.1, rounding=rounding))
-            out[("step", fmt_name, "sgd", rounding)] = _check_sharded_step(
-                rank, world_size, fmt, eco.SGD, dict(lr=1e-1, momentum=0.9, rounding=rounding))
-    for same_data in (True, False):
-        out[("e2e", same_data)] = _check_end_to_end(rank, world_size, FORMATS["fp8_row"], same_data)
-    out[("fwd_bwd", "int4_tensor", "bf16")] = _check_forward_backward(
-        rank, world_size, FORMATS["int4_tensor"], MixedPrecisionPolicy(param_dtype=torch.bfloat16))
+        if world_size == 2:
+            out[("bytes", fmt_name)] = _all_gather_bytes(rank, world_size, fmt)
+        for name, (cls, options) in OPTIMIZERS.items():
+            for rounding in ROUNDINGS:
+                if world_size in FULL or name == "adamw":
+                    out[("step", fmt_name, name, rounding)] = _check_sharded_step(
+                        rank, world_size, fmt, cls, dict(options, rounding=rounding))
+    out[("e2e", True)] = _check_end_to_end(rank, world_size, FORMATS["fp8-row"], same_data=True)
+    if world_size in FULL:
+        out[("e2e", False)] = _check_end_to_end(rank, world_size, FORMATS["fp8-row"], same_data=False)
+        out[("fwd_bwd", "int4-tensor", "bf16")] = _check_forward_backward(
+            rank, world_size, FORMATS["int4-tensor"], MixedPrecisionPolicy(param_dtype=torch.bfloat16))
     dist.barrier()
     return out
 
 
-@functools.cache
 def results(world_size: int) -> list[dict]:
-    return run_ranks(_fsdp_checks, world_size, timeout=240)
+    return run_ranks_once(_fsdp_checks, world_size, timeout=600)
 
-
-WORLD_SIZES = [1, 2, 4]
 
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
@@ -246,10 +251,10 @@ def test_forward_and_gradients_match_the_unsharded_model(world_size, fmt_name):
         assert max(check["grads"].values()) <= 1e-6, (rank, check["grads"])
 
 
-@pytest.mark.parametrize("world_size", WORLD_SIZES)
+@pytest.mark.parametrize("world_size", FULL)
 def test_mixed_precision_policy_bf16(world_size):
     for rank, result in enumerate(results(world_size)):
-        check = result[("fwd_bwd", "int4_tensor", "bf16")]
+        check = result[("fwd_bwd", "int4-tensor", "bf16")]
         assert check["out_max_diff"] < 0.05, rank  # bf16 compute (autocast reference) vs bf16 params
         assert all(s["codes_equal"] for s in check["shards"].values()), rank
 
@@ -276,14 +281,14 @@ def test_all_gather_moves_codes_and_scales(fmt_name):
     world_size = 2
     for rank, result in enumerate(results(world_size)):
         counts = result[("bytes", fmt_name)]
-        bits = FORMATS[fmt_name].bits
+        bits = 4 if isinstance(FORMATS[fmt_name], eco.INT4) else 8
         # forward and backward each gather every weight once (the root's reshard_after_forward=False keeps its own)
         assert counts["eco"] < counts["bf16"] * (bits / 16 + 0.2), (rank, counts)
 
 
-@pytest.mark.parametrize("world_size", WORLD_SIZES)
-@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
-@pytest.mark.parametrize("rounding", ["nearest"])
+@pytest.mark.parametrize("world_size, optimizer", [(w, o) for w in WORLD_SIZES for o in OPTIMIZERS
+                                                   if w in FULL or o == "adamw"])
+@pytest.mark.parametrize("rounding", ROUNDINGS)
 @pytest.mark.parametrize("fmt_name", list(FORMATS))
 def test_sharded_step_equals_unsharded_step_bit_for_bit(world_size, fmt_name, optimizer, rounding):
     for rank, result in enumerate(results(world_size)):
@@ -298,7 +303,7 @@ def test_training_loss_matches_one_process_bit_for_bit_on_the_same_data(world_si
         assert losses == reference
 
 
-@pytest.mark.parametrize("world_size", WORLD_SIZES)
+@pytest.mark.parametrize("world_size", [2])
 def test_training_loss_matches_one_process_within_reduction_rounding(world_size):
     for result in results(world_size):
         losses, reference = result[("e2e", False)]
