@@ -77,6 +77,24 @@ _IMPLEMENTATION_OPTIONS = ("foreach", "fused", "capturable", "differentiable")
 _REPLACED_MARK = "_eco_replaced_by_quantize"
 
 
+_GROUP_ENTRIES = ("eco_generator_state", "eco_skipped_steps")
+
+
+def _eco_entries_lifted(state_dict: dict) -> dict:
+    """``state_dict`` with eco's entries taken out of its param groups to the top level (where state_dicts
+    saved before they moved into the groups have them)."""
+    groups = [dict(group) for group in state_dict["param_groups"]]
+    out = {**state_dict, "param_groups": groups}
+    if any("eco_formats" in group for group in groups):
+        out["eco_formats"] = [fmt for group in groups
+                              for fmt in group.pop("eco_formats", [None] * len(group["params"]))]
+    for group in reversed(groups):  # the same in every group; the first one's is kept
+        for key in _GROUP_ENTRIES:
+            if key in group:
+                out[key] = group.pop(key)
+    return out
+
+
 def _real(t: torch.Tensor) -> torch.Tensor:
     """A complex tensor as its real view (``[..., 2]``), as torch.optim steps complex parameters."""
     return torch.view_as_real(t) if t.is_complex() else t
@@ -332,10 +350,17 @@ class _ECOOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------ state_dict
     def state_dict(self) -> dict:
+        """torch's state_dict; eco's own entries ride in the param groups, the part of an optimizer state_dict
+        that ``torch.distributed.checkpoint.state_dict`` keeps (it drops other top-level keys): each group lists
+        the format of each of its parameters (``eco_formats``) and holds the rounding generator's state and the
+        skipped-step count (the same in every group: a group's entry does not depend on its position)."""
         sd = super().state_dict()
-        sd["eco_generator_state"] = self.generator.get_state()
-        sd["eco_formats"] = self._formats()
-        sd["eco_skipped_steps"] = self.skipped_steps
+        formats = iter(self._formats())
+        generator_state = self.generator.get_state()
+        for group in sd["param_groups"]:
+            group["eco_formats"] = [next(formats) for _ in group["params"]]
+            group["eco_generator_state"] = generator_state
+            group["eco_skipped_steps"] = self.skipped_steps
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -355,6 +380,7 @@ class _ECOOptimizer(torch.optim.Optimizer):
             result = pre_hook(self, state_dict)
             if result is not None:
                 state_dict = result
+        state_dict = _eco_entries_lifted(state_dict)
         generator_state = state_dict.pop("eco_generator_state", None)
         skipped = state_dict.pop("eco_skipped_steps", 0)
         formats = state_dict.pop("eco_formats", None)
