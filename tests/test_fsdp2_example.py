@@ -14,10 +14,10 @@ pytest.importorskip("transformers")
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "fsdp2_finetune.py"
 
 
-@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
-def test_example_trains_checkpoints_and_resumes_bit_identically(tmp_path, rounding):
+def test_example_trains_checkpoints_and_resumes_bit_identically(tmp_path):
+    """Stochastic rounding, the example's default (the DCP tests cover round-to-nearest)."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(EXAMPLE),
-               "--steps", "6", "--save-at", "3", "--log-every", "3", "--rounding", rounding,
+               "--steps", "6", "--save-at", "3", "--log-every", "3",
                "--checkpoint", str(tmp_path / "ckpt")]
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, timeout=300,
@@ -27,4 +27,4 @@ def test_example_trains_checkpoints_and_resumes_bit_identically(tmp_path, roundi
     assert "saved a checkpoint after step 3" in done.stdout
     assert "optimizer states bit-identical" in done.stdout, done.stdout
     assert "weight codes" in done.stdout  # each rank's memory report
-    print(f"torchrun example ({rounding}): {seconds:.1f} s")
+    print(f"torchrun example: {seconds:.1f} s")
