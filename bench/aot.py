@@ -225,8 +225,18 @@ def build_for_spec(spec, target: str) -> KernelBuild:
 
 
 def elements_per_thread(spec) -> int:
-    """Logical elements one thread handles in one program (``BLOCK`` over the threads)."""
-    return spec.constexprs["BLOCK"] // (32 * spec.num_warps)
+    """Logical elements one thread handles in one program (``BLOCK`` over the threads; a factored-statistics
+    program: all its tiles)."""
+    c = spec.constexprs
+    per_program = c["BLOCK"] if "BLOCK" in c else c["ROWS"] * c["COLS"] * c["ROW_TILES"]
+    return per_program // (32 * spec.num_warps)
+
+
+def elements_per_thread_per_iteration(spec) -> int | None:
+    """Logical elements one thread handles per loop iteration (kernels with a loop: the factored statistics'
+    row tiles), or None for a kernel without loops."""
+    c = spec.constexprs
+    return c["ROWS"] * c["COLS"] // (32 * spec.num_warps) if "ROW_TILES" in c else None
 
 
 def stream_element_bits(spec, arg: str) -> int:
@@ -257,17 +267,26 @@ def stream_bytes_per_element(spec, compiled: CompiledKernel) -> float:
 
 
 def scale_bytes_per_element(spec) -> float:
-    """HBM bytes per element for the fp32 scales: a step reads and writes one per group.
+    """HBM bytes per element for the fp32 scales: a step reads and writes one per weight group and one per
+    block of each 8-bit state (the absmax pass only reads those).
 
     Quantize only writes them, dequantize only reads them; one scale per row or
-    matrix (and the 8-byte workspace of the two-pass formats) counts as zero.
+    matrix (and the 8-byte workspace of the two-pass formats), a factored second
+    moment's row and column values count as zero.
     """
-    fmt = spec.meta.get("format") or {}
+    meta = spec.meta
+    fmt = meta.get("format") or {}
     group = fmt.get("group_size")
-    if not group:
-        return 0.0
-    per_group = {"step": 8, "step_multi": 8, "quantize": 4, "dequantize": 4}.get(spec.meta["kernel"], 0)
-    return per_group / group
+    total = 0.0
+    if group:
+        total += {"step": 8, "step_multi": 8, "quantize": 4, "dequantize": 4}.get(meta["kernel"], 0) / group
+    if meta["kernel"] in ("step", "step_multi"):
+        from eco.states import STATE_BLOCK
+
+        m, v = meta["states"]
+        eight_bit = (m in ("int8", "fp8")) + (meta["optimizer"] == "adamw" and v == "fp8")
+        total += eight_bit * (4 if meta["pass"] == 0 else 8) / STATE_BLOCK
+    return total
 
 
 def bytes_per_element(spec, compiled: CompiledKernel) -> float:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import triton
 
-from eco.kernels.specs import SPECS, format_tag
+from eco.kernels.specs import SPECS, format_tag, states_tag
 from eco_bench.aot import (
     H100_SXM,
     STREAM_ARGS,
@@ -38,10 +38,11 @@ from eco_bench.aot import (
     bytes_per_element,
     compile_jobs,
     elements_per_thread,
+    elements_per_thread_per_iteration,
 )
 
 RESULT = Path(__file__).parent / "results" / "kernel_report.json"
-KERNEL_SOURCES = ("eco_step.py", "e4m3.py", "specs.py")
+KERNEL_SOURCES = ("eco_step.py", "moments.py", "e4m3.py", "specs.py")
 # torch.optim.AdamW(fused=True) with fp32 master weights: read g 2, master 4, m 4, v 4;
 # write master 4, m 4, v 4, bf16 weight 2 (the kernel module docstring counts the same).
 TORCH_FUSED_ADAMW_BYTES = 28.0
@@ -67,7 +68,7 @@ def record(spec, compiled) -> dict:
         "optimizer": meta.get("optimizer"),
         "format": format_tag(meta["format"]) if meta.get("format") else None,
         "rounding": meta.get("rounding"),
-        "state_dtype": _dtype(meta.get("state_dtype")),
+        "states": states_tag(meta["states"]) if meta.get("states") else None,
         "grad_dtype": _dtype(meta.get("grad_dtype")),
         "master": meta.get("master"),
         "pass": meta.get("pass"),
@@ -77,7 +78,7 @@ def record(spec, compiled) -> dict:
     }
     if compiled.error:
         return row
-    sass = compiled.sass_per_element(elements_per_thread(spec))
+    sass = compiled.sass_per_element(elements_per_thread(spec), elements_per_thread_per_iteration(spec))
     nbytes = bytes_per_element(spec, compiled)
     roof = H100_SXM.roofline(nbytes, sass)
     row.update(
@@ -100,23 +101,30 @@ def record(spec, compiled) -> dict:
 
 
 def steps(records: list[dict]) -> list[dict]:
-    """One row per optimizer step variant and target: the absmax pass (if any) plus the storing pass."""
-    absmax = {}
+    """One row per optimizer step variant and target: the absmax pass (if any), the storing pass and, for a
+    factored second moment, its statistics (the finalize launch works per row and column, not per element)."""
+    absmax, stats = {}, {}
     for r in records:
-        if r["kind"] == "step" and r["pass"] == 0 and not r["error"]:
-            absmax[(r["optimizer"], r["format"], r["state_dtype"], r["grad_dtype"], r["master"], r["target"])] = r
+        if r["error"]:
+            continue
+        if r["kind"] == "step" and r["pass"] == 0:
+            absmax[(r["optimizer"], r["format"], r["states"], r["grad_dtype"], r["master"], r["target"])] = r
+        if r["kind"] == "factored_stats":
+            stats[(r["grad_dtype"], r["target"])] = r
     out = []
     for r in records:
         if r["kind"] != "step" or r["pass"] != 1 or r["error"]:
             continue
-        first = absmax.get((r["optimizer"], r["format"], r["state_dtype"], r["grad_dtype"], r["master"], r["target"]))
+        first = absmax.get((r["optimizer"], r["format"], r["states"], r["grad_dtype"], r["master"], r["target"]))
         launches = [first, r] if first else [r]
+        if r["states"].endswith("factored"):
+            launches.append(stats[(r["grad_dtype"], r["target"])])
         sass = sum(x["sass_per_element"] for x in launches)
         nbytes = sum(x["bytes_per_element"] for x in launches)
         roof = H100_SXM.roofline(nbytes, sass)
         out.append({
             "step": r["kernel"], "target": r["target"], "optimizer": r["optimizer"], "format": r["format"],
-            "rounding": r["rounding"], "state_dtype": r["state_dtype"], "grad_dtype": r["grad_dtype"],
+            "rounding": r["rounding"], "states": r["states"], "grad_dtype": r["grad_dtype"],
             "master": r["master"], "launches": len(launches), "sass_per_element": round(sass, 2),
             "bytes_per_element": round(nbytes, 4), "instructions_per_byte": round(sass / nbytes, 2),
             "params_per_s": round(roof["params_per_s"]), "bound": roof["bound"],

@@ -108,7 +108,7 @@ def eco_arm(shapes, fmt_name, state_name, path, device, gen) -> Arm:
         w = (torch.randn(shape, generator=gen) * 0.02).to(device=device, dtype=torch.bfloat16)
         if quantized:
             p = torch.nn.Parameter(eco.QuantizedTensor.from_float(w, fmt))
-            total_bytes += kernels.step_bytes(fmt, shape, state_dtype=state_dtype)
+            total_bytes += kernels.step_bytes(fmt, shape, states=(state_name, state_name))
         else:
             p = torch.nn.Parameter(w)
             total_bytes += kernels.plain_step_bytes(w.numel(), param_dtype=torch.bfloat16, state_dtype=state_dtype)

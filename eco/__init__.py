@@ -9,6 +9,7 @@ from .formats import FP8, INT4, QuantFormat
 from .memory import MemoryReport, memory_report
 from .optim import SGD, AdamW
 from .qparam import QuantizedTensor, _rebuild_quantized, quantize_, quantized_parameters
+from .release import GradientRelease, release_gradients
 
 __version__ = "0.1.0"
 
@@ -19,5 +20,6 @@ _transformers_hook.install()
 
 __all__ = [
     "FP8", "INT4", "QuantFormat", "QuantizedTensor", "quantize_", "quantized_parameters",
-    "AdamW", "SGD", "memory_report", "MemoryReport", "export", "load_compact", "save_checkpoint",
+    "AdamW", "SGD", "GradientRelease", "release_gradients", "memory_report", "MemoryReport", "export",
+    "load_compact", "save_checkpoint",
 ]

@@ -24,11 +24,16 @@ buffer FSDP2 cut the shard from (``fully_shard`` allocates the padded shard with
 
 from __future__ import annotations
 
+import math
+from typing import NamedTuple
+
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Replicate
 
-from .qparam import _HANDLERS, QuantizedTensor
+from . import states
+from .qparam import _HANDLERS, QuantizedTensor, _alias, _view
+from .states import StateFormat
 
 aten = torch.ops.aten
 
@@ -39,37 +44,71 @@ def local_tensor(t):
 
 
 # ---------------------------------------------------------------- the optimizer on shards
-def zeros_like_param(p: torch.Tensor, shape, dtype: torch.dtype) -> torch.Tensor:
-    """A zero optimizer state of ``shape`` (``p.shape``, plus trailing dims of a complex parameter's real view)
-    for ``p``: sharded like ``p`` (a ``DTensor``, so DCP can reshard it) when ``p`` is."""
+class ShardInfo(NamedTuple):
+    """Where a shard sits in its whole tensor, and the groups of the ranks holding its other rows."""
+
+    offset: int  # row-major index, in the whole tensor, of the shard's first element
+    full_shape: torch.Size
+    groups: tuple
+
+
+def allocate_state(fmt: StateFormat, p: torch.Tensor, shape) -> tuple[torch.Tensor, ...]:
+    """Zero tensors of state format ``fmt`` for parameter ``p`` (``shape``: its real view's): for a ``DTensor``
+    ``p``, ``DTensor``s (so DCP can reshard them) whose row-local parts are sharded like ``p`` and whose
+    per-matrix parts (``states.replicated_parts``) are replicated, every rank holding the same copy."""
     if not isinstance(p, DTensor):
-        return torch.zeros(shape, dtype=dtype, device=p.device)
-    local = torch.zeros((*p._local_tensor.shape, *shape[p.dim():]), dtype=dtype, device=p._local_tensor.device)
+        return fmt.allocate(shape, p.device)
+    local = p._local_tensor
+    local_shape = (*local.shape, *shape[p.dim():])
+    replicated = states.replicated_parts(fmt, shape)
+    _check_state_blocks(fmt, p, shape)
+    out = []
+    for suffix, whole, part in zip(fmt.parts, fmt.shapes(shape), fmt.allocate(local_shape, local.device),
+                                   strict=True):
+        if suffix in replicated:  # shaped by the columns only: the shard's part is the whole part
+            out.append(DTensor.from_local(part, p.device_mesh, [Replicate()] * p.device_mesh.ndim, run_check=False))
+        else:
+            out.append(_sharded_like(p, part, whole))
+    return tuple(out)
+
+
+def _sharded_like(p: DTensor, local: torch.Tensor, shape) -> DTensor:
     whole = torch.empty(shape, device="meta")
     return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=whole.shape,
                               stride=whole.stride())
 
 
+def _check_state_blocks(fmt: StateFormat, p: DTensor, shape) -> None:
+    """Refuse block-scaled states of a 1-D ``p`` whose shards cut a block: the block's scale would belong to two
+    ranks (the shard is then neither the unsharded step's nor a shard DCP can reshard)."""
+    if len(fmt.parts) != 2 or len(shape) != 1:
+        return
+    shards = math.prod(p.device_mesh.size(d) for d, pl in enumerate(p.placements) if pl.is_shard())
+    chunk = -(-shape[0] // shards)
+    blocks = -(-shape[0] // states.STATE_BLOCK)
+    if shards > 1 and (chunk % states.STATE_BLOCK or -(-blocks // shards) * states.STATE_BLOCK != chunk):
+        raise NotImplementedError(
+            f"a {fmt.name} state of a 1-D parameter of {shape[0]} elements split across {shards} ranks: shards of "
+            f"{chunk} elements cut its {states.STATE_BLOCK}-element scale blocks. Keep such parameters out of "
+            "fully_shard (e.g. shard only the decoder layers' weights), or use momentum/second_moment 'fp32' or "
+            "'bf16'"
+        )
+
+
 def shardwise(p: torch.Tensor, fn) -> torch.Tensor:
     """``fn`` applied to ``p``, or to each rank's shard of ``p`` (the result sharded like ``p``)."""
-    return _like(p, fn(p._local_tensor)) if isinstance(p, DTensor) else fn(p)
-
-
-def _like(p: DTensor, local: torch.Tensor) -> DTensor:
-    return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride())
+    return _sharded_like(p, fn(p._local_tensor), p.shape) if isinstance(p, DTensor) else fn(p)
 
 
 def local_view(p: torch.Tensor) -> torch.Tensor:
     """What the optimizer steps for parameter ``p``: ``p`` itself, or, for a ``DTensor``, a fresh alias of this
-    rank's shard that carries the shard of the gradient as ``.grad`` (gone after the step), and
-    ``shard_offset``/``shard_reduce`` (see :func:`shard_offset`, :func:`shard_reduce`)."""
+    rank's shard that carries the shard of the gradient as ``.grad`` and where the shard sits (see
+    :func:`shard_offset`, :func:`shard_full_shape`, :func:`shard_reduce`); gone after the step."""
     if not isinstance(p, DTensor):
         return p
-    start = _dim0_start(p)
     view = p._local_tensor.detach()
     view.grad = local_tensor(p.grad)
-    view.shard_offset = start * p.shape[1:].numel()
-    view.shard_groups = _shard_groups(p)
+    view.eco_shard = ShardInfo(_dim0_start(p) * p.shape[1:].numel(), p.shape, tuple(_shard_groups(p)))
     return view
 
 
@@ -78,15 +117,25 @@ def local_state(state: dict) -> dict:
     return {key: local_tensor(value) for key, value in state.items()}
 
 
+def is_shard(view: torch.Tensor) -> bool:
+    """Whether ``view`` is a shard made by :func:`local_view`."""
+    return hasattr(view, "eco_shard")
+
+
 def shard_offset(view: torch.Tensor) -> int:
-    """Row-major index, in the whole (unsharded) tensor, of the first element of the shard ``view``."""
-    return getattr(view, "shard_offset", 0)
+    """Row-major index, in the whole (unsharded) tensor, of the first element of ``view`` (0: not a shard)."""
+    return view.eco_shard.offset if is_shard(view) else 0
+
+
+def shard_full_shape(view: torch.Tensor):
+    """Shape of the whole tensor ``view`` is a shard of (None: not a shard)."""
+    return view.eco_shard.full_shape if is_shard(view) else None
 
 
 def shard_reduce(view: torch.Tensor):
     """``reduce(tensor, op)``, an in-place all-reduce (``op``: ``"max"`` or ``"sum"``) over the ranks holding
     the other rows of ``view``; None for an unsharded tensor."""
-    groups = getattr(view, "shard_groups", ())
+    groups = view.eco_shard.groups if is_shard(view) else ()
     if not groups:
         return None
 
@@ -103,7 +152,7 @@ _REDUCE_OPS = {"max": dist.ReduceOp.MAX, "sum": dist.ReduceOp.SUM}
 
 def _dim0_start(p: DTensor) -> int:
     """First global row of this rank's shard; refuses layouts whose shard is not one block of whole rows."""
-    from torch.distributed.tensor.placement_types import Replicate, Shard
+    from torch.distributed.tensor.placement_types import Shard
 
     if any(type(pl) not in (Shard, Replicate) or (type(pl) is Shard and pl.dim != 0) for pl in p.placements):
         raise NotImplementedError(
@@ -141,14 +190,7 @@ def all_ranks_agree(flag: bool, params) -> bool:
     return flag
 
 
-# ---------------------------------------------------------------- dim-0 views
-def _dim0_view(qt: QuantizedTensor, start: int, stop: int) -> QuantizedTensor:
-    """Rows ``start:stop`` of ``qt`` as a ``QuantizedTensor`` sharing its codes and scales."""
-    codes = qt.codes[start:stop]
-    scales = qt.scales if _one_scale(qt) else qt.scales[start:stop]
-    return qt._with(codes, scales, shape=(codes.shape[0], *qt.shape[1:]))
-
-
+# ---------------------------------------------------------------- FSDP2's ops on a quantized weight
 def _one_scale(qt: QuantizedTensor) -> bool:
     """True when one scale covers all rows (tensor-wise INT4 on a 2-D weight): every row slice shares it."""
     return qt.fmt.tensorwise and qt.dim() == 2
@@ -162,76 +204,35 @@ def _handles(*ops):
     return register
 
 
-@_handles(aten.split.Tensor)
-def _split(func, args, kwargs):
-    qt, size = args[0], args[1]
-    dim = args[2] if len(args) > 2 else kwargs.get("dim", 0)
-    if dim not in (0, -qt.dim()):
-        return func(qt.dequantize(), *args[1:], **kwargs)
-    rows = qt.shape[0]
-    return [_dim0_view(qt, start, min(start + size, rows)) for start in range(0, rows, size)] or [qt]
-
-
 @_handles(aten.new_zeros.default, aten.new_empty.default)
 def _new_zeros(func, args, kwargs):
-    """A zero weight of the same format when the shape allows one (FSDP2 pads shards this way)."""
+    """A zero weight of the same format when the shape allows one (FSDP2 pads shards this way). The one scale of a
+    tensor-wise matrix is kept: a shard of no rows (never copied into) still holds its matrix's scale."""
     qt, size = args[0], tuple(args[1])
     dtype = kwargs.get("dtype") or qt.dtype
     device = kwargs.get("device") or qt.device
     if len(size) != qt.dim() or size[1:] != tuple(qt.shape[1:]) or not dtype.is_floating_point:
         return torch.zeros(size, dtype=dtype, device=device)
     codes = qt.fmt.encode(torch.zeros(size, dtype=torch.int8, device=device))
-    scales = torch.ones(qt.fmt.scale_shape(size), dtype=qt.scales.dtype, device=device)
+    if _one_scale(qt):
+        scales = qt.scales.to(device, copy=True)
+    else:
+        scales = torch.ones(qt.fmt.scale_shape(size), dtype=qt.scales.dtype, device=device)
     return QuantizedTensor(codes, scales, qt.fmt, size, dtype)
-
-
-@_handles(aten.slice.Tensor)
-def _slice(func, args, kwargs):
-    qt = args[0]
-    dim = args[1] if len(args) > 1 else 0
-    step = args[4] if len(args) > 4 else 1
-    if dim not in (0, -qt.dim()) or step != 1:
-        return func(qt.dequantize(), *args[1:], **kwargs)
-    start, stop, _ = slice(args[2] if len(args) > 2 else None, args[3] if len(args) > 3 else None).indices(
-        qt.shape[0])
-    return _dim0_view(qt, start, max(start, stop))
 
 
 @_handles(aten.as_strided.default)
 def _as_strided(func, args, kwargs):
-    """FSDP2 views the all-gathered weight as its unpadded size: a contiguous dim-0 prefix stays quantized."""
+    """FSDP2 views the all-gathered weight as its unpadded size: a contiguous dim-0 prefix stays a selection of
+    the codes (as a recorded view, every ``w[e]`` of it would dequantize all experts)."""
     qt, size, stride = args[0], tuple(args[1]), tuple(args[2])
     offset = args[3] if len(args) > 3 else kwargs.get("storage_offset", 0) or 0
-    prefix = (offset == 0 and len(size) == qt.dim() and size[1:] == tuple(qt.shape[1:]) and size[0] <= qt.shape[0]
-              and stride == tuple(qt.stride()))
-    if prefix:
-        return _dim0_view(qt, 0, size[0])
-    return func(qt.dequantize(), *args[1:], **kwargs)
-
-
-@_handles(aten.view.default)
-def _view(func, args, kwargs):
-    qt, size = args[0], list(args[1])
-    if size == list(qt.shape):
-        return qt._with(qt.codes, qt.scales)
-    if size in ([-1], [qt.numel()]):  # FSDP2 keeps ``padded_shard.view(-1)`` for the whole run
-        return _FlatView(qt)
-    return func(qt.dequantize(), *args[1:], **kwargs)
-
-
-class _FlatView(QuantizedTensor):
-    """``qt.view(-1)``: the same codes and scales, read as a 1-D tensor."""
-
-    @staticmethod
-    def __new__(cls, qt):
-        return QuantizedTensor.__new__(cls, qt.codes, qt.scales, qt.fmt, (qt.numel(),), qt.dtype)
-
-    def __init__(self, qt):
-        super().__init__(qt.codes, qt.scales, qt.fmt, (qt.numel(),), qt.dtype)
-        self.unflat = qt
-
-    def dequantize(self, dtype=None):
-        return self.unflat.dequantize(dtype).reshape(-1)
+    if (offset == 0 and len(size) == qt.dim() and size[1:] == tuple(qt.shape[1:]) and size[0] <= qt.shape[0]
+            and stride == tuple(qt.stride()) and not qt._post and qt._rows is None):
+        if size[0] == qt.shape[0]:
+            return _alias(qt)
+        return _view(qt, aten.slice.Tensor, (0, 0, size[0]), {})
+    return _view(qt, func, args[1:], kwargs)
 
 
 # ---------------------------------------------------------------- FSDP2 all-gather

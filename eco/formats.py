@@ -24,7 +24,9 @@ scales. For a group with absmax ``a``::
     deq   = code * scale
 
 Groups with ``a <= ZERO_GROUP_ABSMAX`` (all zeros, or values so tiny that
-``rho / a`` would overflow) store code 0 with scale 1.
+``rho / a`` would overflow) store code 0 with scale 1. A NaN absmax is never
+such a group: it propagates (the optimizer step never produces one, see
+``eco.reference``; :meth:`QuantFormat.quantize` requires finite input).
 
 Codes: FP8 uses ``torch.float8_e4m3fn`` (rho = 448). INT4 uses integers in
 [-7, 7] (rho = 7) packed two per byte along the last dimension: element
@@ -116,15 +118,11 @@ class QuantFormat:
     # ----------------------------------------------------------- quantize
     def scales_for(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Absmax scale and its reciprocal per group of fp32 ``x``; both ``[n_groups, 1]``."""
-        absmax = self.grouped(x).abs().amax(dim=1, keepdim=True)
-        live = absmax > ZERO_GROUP_ABSMAX
-        safe = torch.where(live, absmax, torch.ones_like(absmax))
-        # Tensor / tensor: torch computes ``number / tensor`` (and, on CUDA, ``tensor / number``) as a
-        # multiplication by a reciprocal, one ulp off for about a quarter of values; kernels divide exactly.
-        rho = torch.full_like(safe, self.rho)
-        scale = torch.where(live, safe / rho, torch.ones_like(absmax))
-        inv_scale = torch.where(live, rho / safe, torch.zeros_like(absmax))
-        return scale, inv_scale
+        return self.scale_pair(self.grouped(x).abs().amax(dim=1, keepdim=True))
+
+    def scale_pair(self, absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`absmax_scales` with this format's rho."""
+        return absmax_scales(absmax, self.rho)
 
     def quantize(
         self, x: torch.Tensor, rounding: str = "nearest", generator: torch.Generator | None = None, *,
@@ -169,6 +167,22 @@ class QuantFormat:
     def config(self) -> dict:
         """A plain dict that rebuilds this format with :func:`format_from_config`."""
         return {"name": self.name, "group_size": self.group_size}
+
+
+def absmax_scales(absmax: torch.Tensor, rho: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(absmax / rho, rho / absmax)`` per group; ``(1, 0)`` for a (near-)zero group.
+
+    Only ``absmax <= ZERO_GROUP_ABSMAX`` is a zero group: a NaN absmax is not
+    (it propagates), so a non-finite value can never silently zero a group.
+    """
+    live = ~(absmax <= ZERO_GROUP_ABSMAX)
+    safe = torch.where(live, absmax, torch.ones_like(absmax))
+    # Tensor / tensor: torch computes ``number / tensor`` (and, on CUDA, ``tensor / number``) as a
+    # multiplication by a reciprocal, one ulp off for about a quarter of values; kernels divide exactly.
+    rho_t = torch.full_like(safe, rho)
+    scale = torch.where(live, safe / rho_t, torch.ones_like(absmax))
+    inv_scale = torch.where(live, rho_t / safe, torch.zeros_like(absmax))
+    return scale, inv_scale
 
 
 def _uniform_like(y: torch.Tensor, generator: torch.Generator | None, uniform: UniformSource | None) -> torch.Tensor:

@@ -17,10 +17,15 @@ from .qparam import QuantizedTensor
 # Row order of the printed table.
 KINDS = (
     "weight codes", "weight scales", "unquantized params", "master weights",
-    "momentum (m)", "second moment (v)", "other optimizer state",
+    "momentum (m)", "momentum scales", "second moment (v)", "second moment scales",
+    "second moment (factored)", "other optimizer state",
 )
 _STATE_KIND = {
-    "exp_avg": "momentum (m)", "momentum_buffer": "momentum (m)", "exp_avg_sq": "second moment (v)",
+    "exp_avg": "momentum (m)", "momentum_buffer": "momentum (m)",
+    "exp_avg_scale": "momentum scales", "momentum_buffer_scale": "momentum scales",
+    "exp_avg_sq": "second moment (v)", "exp_avg_sq_scale": "second moment scales",
+    "exp_avg_sq_row": "second moment (factored)", "exp_avg_sq_col": "second moment (factored)",
+    "exp_avg_sq_mean": "second moment (factored)",
     "master": "master weights",
 }
 
@@ -99,6 +104,6 @@ def memory_report(model: nn.Module, optimizer: torch.optim.Optimizer | None = No
         for state in optimizer.state.values():
             for key, value in state.items():
                 value = local_tensor(value)
-                if isinstance(value, torch.Tensor) and value.numel() > 1:
+                if isinstance(value, torch.Tensor) and (value.numel() > 1 or key in _STATE_KIND):
                     add(_STATE_KIND.get(key, "other optimizer state"), value)
     return report

@@ -17,11 +17,27 @@ Three switches give every arm of the paper's Table 1 through one code path:
 ``error_feedback=False`` is naive master-weight removal; ``master_weights=True``
 keeps an fp32 master copy and re-quantizes from it every step.
 
+Optimizer states (``eco.states``): ``momentum=`` (AdamW; ``momentum_state=``
+for SGD, whose ``momentum`` is the coefficient) is ``"fp32"``, ``"bf16"``,
+``"int8"`` or ``"fp8"``; ``second_moment=`` is ``"fp32"``, ``"bf16"``,
+``"fp8"`` or ``"factored"``; ``"8bit"`` picks the 8-bit format of each.
+Every format below fp32 is stored with stochastic rounding. ``state_dtype``
+(fp32 or bf16 for both) is the older spelling of the same choice.
+
 Non-finite gradients (policy ``nonfinite``): before anything is written, all
-gradients of the step are checked (one reduction, one host sync). With
-``"skip"`` (default) a step with any NaN/inf gradient changes nothing (codes,
-scales, moments, step counts), warns, and is counted in
+gradients of the step are checked (one reduction, one host sync): each must be
+finite and below ``reference.GRAD_LIMIT`` (2**63) in magnitude, so that its
+square fits fp32; and the step's coefficients must be representable in fp32
+(``reference.check_scalars``: e.g. a learning rate so small that ECO's
+injection coefficient ``(bc1/lr)(1 - 1/beta1)`` would overflow). Every value
+the step computes from such inputs is then finite by construction (see
+``eco.reference``). With ``"skip"`` (default) a step that fails a check changes
+nothing (codes, scales, moments, step counts), warns, and is counted in
 ``optimizer.skipped_steps``; with ``"raise"`` it raises ``FloatingPointError``.
+
+Gradient release (``gradient_release=True``, :mod:`eco.release`) steps each
+parameter during backward as soon as its gradient is complete and frees the
+gradient; ``step()`` then steps only the gradients backward did not release.
 
 A step either completes or changes nothing that can be checked beforehand:
 every group's options (also ones set after construction, a tensor ``lr``), the
@@ -40,11 +56,13 @@ from copy import deepcopy
 
 import torch
 
-from . import backends, distributed, reference
+from . import backends, distributed, reference, release, states
 from .formats import STATE_DTYPES, check_rounding
 from .qparam import QuantizedTensor
 
 NONFINITE_POLICIES = ("skip", "raise")
+#: the state format of every moment when neither state_dtype nor a format is given
+DEFAULT_STATE_FORMAT = "fp32"
 
 
 def _injects(group: dict) -> bool:
@@ -52,22 +70,49 @@ def _injects(group: dict) -> bool:
     return group["error_feedback"] and not group["master_weights"]
 
 
-def _all_finite(grads: list[torch.Tensor]) -> bool:
-    """True when no gradient holds NaN or inf: one host sync for all of them.
+def _all_below(tensors: list[torch.Tensor], limit: float) -> bool:
+    """True when every element of every tensor has ``|x| < limit`` (NaN fails): one host sync for all.
 
-    On CPU each gradient's ``aminmax`` (NaN propagates into both, an inf into one):
+    On CPU each tensor's ``aminmax`` (NaN propagates into both, an inf into one):
     torch's CPU ``_foreach_norm(inf)`` reduces bf16 in a scalar loop, slower than a
     whole torch AdamW step. Elsewhere one fused ``_foreach_norm(inf)`` per device/dtype.
+    E4M3 tensors (8-bit states) are read as fp32.
     """
-    if not grads:
+    tensors = [t.float() if t.dtype == torch.float8_e4m3fn else t for t in tensors]
+    if not tensors:
         return True
-    extremes = [e for g in grads if g.device.type == "cpu" and g.numel() for e in torch.aminmax(g)]
-    others = [g for g in grads if g.device.type != "cpu"]
+    extremes = [e for g in tensors if g.device.type == "cpu" and g.numel() for e in torch.aminmax(g)]
+    others = [g for g in tensors if g.device.type != "cpu"]
     if others:
         extremes.extend(torch._foreach_norm(others, float("inf")))
     if not extremes:
         return True
-    return bool(torch.stack([e.float().to(grads[0].device) for e in extremes]).isfinite().all())
+    return bool((torch.stack([e.float().to(tensors[0].device) for e in extremes]).abs() < limit).all())
+
+
+def _all_finite(tensors: list[torch.Tensor]) -> bool:
+    """True when no tensor holds NaN or inf."""
+    return _all_below(tensors, math.inf)
+
+
+def _gradients_in_range(grads: list[torch.Tensor]) -> bool:
+    """True when every gradient element is finite with ``|g| < reference.GRAD_LIMIT`` (its square fits fp32)."""
+    return _all_below(grads, reference.GRAD_LIMIT)
+
+
+def _state_formats(state_dtype, chosen: dict, moment_names: tuple) -> dict:
+    """The state format of each moment: the chosen names, else ``state_dtype``'s, else the default."""
+    if state_dtype is not None and any(v is not None for v in chosen.values()):
+        raise ValueError("pass either state_dtype or the state formats (momentum=, second_moment=, "
+                         "momentum_state=), not both")
+    if state_dtype is not None and state_dtype not in STATE_DTYPES:
+        raise ValueError(f"state_dtype must be one of {STATE_DTYPES}, got {state_dtype}")
+    default = {torch.float32: "fp32", torch.bfloat16: "bf16"}.get(state_dtype, DEFAULT_STATE_FORMAT)
+    out = {}
+    for name in moment_names:
+        choice = chosen[name] or default
+        out[name] = states.second_moment_format(choice) if name == "exp_avg_sq" else states.momentum_format(choice)
+    return out
 
 
 #: torch.optim options that choose how a step is computed, not what it computes: dropped from a loaded state_dict
@@ -93,6 +138,21 @@ def _eco_entries_lifted(state_dict: dict) -> dict:
             if key in group:
                 out[key] = group.pop(key)
     return out
+
+
+def _is_quantized(p: torch.Tensor) -> bool:
+    """Whether ``p`` is a quantized weight (of a ``DTensor``: whether its shards are)."""
+    return isinstance(distributed.local_tensor(p), QuantizedTensor)
+
+
+def _shard_kwargs(params: list) -> dict:
+    """The per-tensor ``offsets``/``full_shapes``/``reduces`` of a backend call when some of ``params`` are
+    shards (``distributed.local_view``); nothing for whole tensors."""
+    if not any(distributed.is_shard(p) for p in params):
+        return {}
+    return dict(offsets=[distributed.shard_offset(p) for p in params],
+                full_shapes=[distributed.shard_full_shape(p) for p in params],
+                reduces=[distributed.shard_reduce(p) for p in params])
 
 
 def _real(t: torch.Tensor) -> torch.Tensor:
@@ -173,9 +233,9 @@ class _ECOOptimizer(torch.optim.Optimizer):
     #: (torch.optim.SGD saves none)
     update_counts_steps = True
 
-    def __init__(self, params, defaults: dict, *, state_dtype, seed, generator, nonfinite, backend):
-        if state_dtype not in STATE_DTYPES:
-            raise ValueError(f"state_dtype must be one of {STATE_DTYPES}, got {state_dtype}")
+    def __init__(self, params, defaults: dict, *, state_dtype, state_formats: dict, seed, generator, nonfinite,
+                 backend, gradient_release):
+        self.state_formats = _state_formats(state_dtype, state_formats, self.moment_names)
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
         backends.resolve(backend)  # a bad backend= or ECO_BACKEND fails here, not at the first step
@@ -189,16 +249,32 @@ class _ECOOptimizer(torch.optim.Optimizer):
         if generator.device.type != "cpu":
             raise ValueError("generator must be a CPU torch.Generator (it only draws per-step seeds)")
         self.generator = generator
+        #: the :class:`eco.release.GradientRelease` handle while gradient release is on, else None
+        self.gradient_release = None
         super().__init__(params, defaults)
+        release.switch_on(self, gradient_release)
 
     # ------------------------------------------------------------ pickling, copy.deepcopy
-    _ECO_ATTRIBUTES = ("state_dtype", "nonfinite", "backend", "skipped_steps", "generator")
+    _ECO_ATTRIBUTES = ("_state_dtype", "state_formats", "nonfinite", "backend", "skipped_steps", "generator")
+
+    @property
+    def state_dtype(self) -> torch.dtype | None:
+        """The ``state_dtype`` option (None when the state formats were chosen by name)."""
+        return self._state_dtype
+
+    @state_dtype.setter
+    def state_dtype(self, value: torch.dtype | None) -> None:
+        """Setting it chooses the formats it stands for (a state made under others is then refused at the step)."""
+        self._state_dtype = value
+        if value is not None:
+            self.state_formats = _state_formats(value, dict.fromkeys(self.moment_names), self.moment_names)
 
     def __getstate__(self) -> dict:
         return {**super().__getstate__(), **{name: getattr(self, name) for name in self._ECO_ATTRIBUTES}}
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
+        self.gradient_release = None  # a copy steps in step(); eco.release_gradients(copy) releases again
         for group in self.param_groups:  # a pickle from an older version lacks newer options
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
@@ -213,6 +289,8 @@ class _ECOOptimizer(torch.optim.Optimizer):
         except Exception:
             self.param_groups.pop()
             raise
+        if getattr(self, "gradient_release", None) is not None:
+            self.gradient_release.watch(self.param_groups[-1]["params"])
 
     def _validate_group(self, group: dict) -> None:
         """Refuse bad options of ``group`` (tensor options already floats); NaN fails every check."""
@@ -225,19 +303,38 @@ class _ECOOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------ state
     def _state_layout(self, p: torch.Tensor, group: dict) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Shape and dtype of each state tensor of ``p``: what a fresh state holds and a saved one must match."""
-        shape = p.shape + (2,) if p.is_complex() else p.shape  # complex: the real view's
-        layout = dict.fromkeys(self.moment_names, (shape, self.state_dtype))
-        if isinstance(distributed.local_tensor(p), QuantizedTensor) and group["master_weights"]:
-            layout["master"] = (shape, torch.float32)
+        shape = _real(p).shape  # complex: the real view's; a DTensor's: the whole tensor's
+        layout = {}
+        for name in self.moment_names:
+            fmt = self._moment_format(name, shape)
+            layout.update(zip(fmt.keys(name), zip(fmt.shapes(shape), fmt.dtypes, strict=True), strict=True))
+        if _is_quantized(p) and group["master_weights"]:
+            layout["master"] = (tuple(shape), torch.float32)
         return layout
+
+    def _moment_format(self, name: str, shape) -> states.StateFormat:
+        """The state format of moment ``name`` of a parameter of ``shape`` (a factored v needs two dimensions)."""
+        return states.for_shape(self.state_formats[name], shape)
+
+    def _moments(self, p: torch.Tensor, state: dict) -> list:
+        """``state``'s moments of ``p`` as ``reference.Moment``s, in ``moment_names`` order."""
+        shape = _real(p).shape
+        out = []
+        for name in self.moment_names:
+            fmt = self._moment_format(name, shape)
+            out.append(reference.Moment(fmt, tuple(state[k] for k in fmt.keys(name))))
+        return out
 
     def _state_for(self, p: torch.Tensor, group: dict) -> dict:
         state = self.state[p]
         if not state:
             state["step"] = 0
-            for name, (shape, dtype) in self._state_layout(p, group).items():
-                state[name] = (distributed.shardwise(p, lambda w: w.dequantize(torch.float32)) if name == "master"
-                               else distributed.zeros_like_param(p, shape, dtype))
+            shape = _real(p).shape
+            for name in self.moment_names:
+                fmt = self._moment_format(name, shape)
+                state.update(zip(fmt.keys(name), distributed.allocate_state(fmt, p, shape), strict=True))
+            if _is_quantized(p) and group["master_weights"]:
+                state["master"] = distributed.shardwise(p, lambda w: w.dequantize(torch.float32))
         return state
 
     def _check_state(self, p: torch.Tensor, group: dict) -> None:
@@ -265,21 +362,25 @@ class _ECOOptimizer(torch.optim.Optimizer):
         return int(torch.randint(0, 2**62, (1,), generator=self.generator).item())
 
     # ------------------------------------------------------------ step
-    def _checked_work(self) -> list:
+    def _checked_work(self, selection: dict[int, list] | None = None) -> list:
         """``(group, param, backend)`` for each parameter to step, after every check that needs no arithmetic.
 
         ``group`` is a copy with tensor options as floats. Nothing is changed
         here, so a step that fails a check leaves states, step counts and the
-        generator as they were.
+        generator as they were. ``selection`` (``{group index: params}``)
+        limits the work to those parameters (gradient release steps them one
+        at a time); by default every parameter with a gradient.
         """
         work = []
         for index, group in enumerate(self.param_groups):
+            if selection is not None and index not in selection:
+                continue
             resolved = _resolved(group)
             try:
                 self._validate_group(resolved)
             except ValueError as error:
                 raise ValueError(f"param group {index}: {error}. Nothing was updated.") from error
-            for p in group["params"]:
+            for p in group["params"] if selection is None else selection[index]:
                 _check_param(self, p)
                 if p.grad is None:
                     continue
@@ -294,58 +395,104 @@ class _ECOOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None):
+        """One optimizer step; with gradient release, the step of the gradients backward did not release."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self.gradient_release is not None:
+            self.gradient_release.release_remaining()
+            return loss
         work = self._checked_work()
-        finite = _all_finite([_real(distributed.local_tensor(p.grad)) for _, p, _ in work])
-        if not distributed.all_ranks_agree(finite, [p for _, p, _ in work]):
+        problem = self._problem(work)
+        if problem is not None:
             if self.nonfinite == "raise":
                 raise FloatingPointError(
-                    "a gradient holds NaN or inf; nothing was updated. Lower the learning rate, clip or "
-                    "scale the loss, or pass nonfinite='skip' to skip such steps"
+                    f"a step with {problem}; nothing was updated. Lower the learning rate, clip or scale the loss, "
+                    "or pass nonfinite='skip' to skip such steps"
                 )
             self.skipped_steps += 1
             warnings.warn(
-                f"{type(self).__name__}: skipped a step with non-finite gradients (nothing was updated; "
+                f"{type(self).__name__}: skipped a step with {problem} (nothing was updated; "
                 f"{self.skipped_steps} skipped so far)", RuntimeWarning, stacklevel=2,
             )
             return loss
-        # One backend call per (backend, group, step count[, format]); the backend groups by dtypes itself.
+        self._apply(work)
+        return loss
+
+    def _problem(self, work: list) -> str | None:
+        """Why the step of ``work`` must change nothing, or None: a gradient that is not finite or whose
+        square overflows fp32, or coefficients that overflow fp32 (``reference.check_scalars``)."""
+        in_range = _gradients_in_range([_real(distributed.local_tensor(p.grad)) for _, p, _ in work])
+        if not distributed.all_ranks_agree(in_range, [p for _, p, _ in work]):  # a shard's NaN skips every rank
+            return "non-finite gradients (NaN, inf, or a magnitude of 2**63 or more, whose square overflows fp32)"
+        reason = self._scalars_problem(work)
+        return None if reason is None else f"coefficients that overflow fp32 ({reason})"
+
+    def _draws_seed(self, p: torch.Tensor, group: dict) -> bool:
+        """Whether stepping ``p`` draws a seed from the generator (the order of draws is the order of steps):
+        a quantized weight rounded stochastically, or any state format stored with stochastic rounding."""
+        if _is_quantized(p) and group["rounding"] == "stochastic":
+            return True
+        shape = _real(p).shape
+        return any(self._moment_format(name, shape).stochastic for name in self.moment_names)
+
+    def _apply(self, work: list, seeds: dict | None = None) -> None:
+        """Step every parameter of ``work`` (checked by ``_checked_work``, passed by ``_problem``).
+
+        Seeds are drawn here in ``work`` order, unless ``seeds`` (``{param:
+        seed}``, drawn beforehand in parameter order by gradient release) has them.
+        """
+        # One backend call per (backend, group, step count, state formats[, format]); the backend groups by dtypes.
         plain_batches: dict = {}
-        quantized_batches: dict = {}  # seeds drawn here, in parameter order
+        quantized_batches: dict = {}
         for group, p, backend in work:
             state = self._state_for(p, group)
             state["step"] += 1
-            p, state = distributed.local_view(p), distributed.local_state(state)  # this rank's shards (FSDP2)
+            seed = None
+            if self._draws_seed(p, group):
+                seed = seeds[p] if seeds is not None and p in seeds else self._next_seed()
+            # this rank's shards (FSDP2); a shard of no rows is stepped too: its reductions pair with the others'
+            p, state = distributed.local_view(p), distributed.local_state(state)
+            moments = self._moments(p, state)
+            formats = tuple(mo.fmt for mo in moments)
             if isinstance(p, QuantizedTensor):
-                seed = self._next_seed() if group["rounding"] == "stochastic" else None
-                if p.numel() == 0:  # a rank holding no rows of it (FSDP2): its seed is drawn, as on every rank
-                    continue
-                key = (backend.__name__, id(group), state["step"], p.fmt)
-                quantized_batches.setdefault(key, (backend, group, state["step"], []))[3].append((p, state, seed))
+                key = (backend.__name__, id(group), state["step"], formats, p.fmt)
+                batches = quantized_batches
             else:
-                key = (backend.__name__, id(group), state["step"])
-                plain_batches.setdefault(key, (backend, group, state["step"], []))[3].append((p, state))
+                key = (backend.__name__, id(group), state["step"], formats)
+                batches = plain_batches
+            batches.setdefault(key, (backend, group, state["step"], []))[3].append((p, state, seed, moments))
         for backend, group, step, items in quantized_batches.values():
             self._step_quantized(backend, *(list(x) for x in zip(*items, strict=True)), group, step)
         for backend, group, step, items in plain_batches.values():
-            self._step_plain(backend, [p for p, _ in items], [st for _, st in items], group, step)
-        return loss
+            self._step_plain(backend, *(list(x) for x in zip(*items, strict=True)), group, step)
 
-    def _quantized_kwargs(self, params: list, states: list, seeds: list, group: dict) -> dict:
+    def _scalars_problem(self, work: list) -> str | None:
+        """Why some parameter's coefficients this step cannot run in fp32 (``reference.check_scalars``), or None."""
+        seen = set()
+        for group, p, _ in work:
+            step = self.state[p]["step"] + 1 if self.state.get(p) else 1
+            inject = _injects(group) and _is_quantized(p)  # plain parameters inject nothing
+            if (id(group), step, inject) not in seen:
+                seen.add((id(group), step, inject))
+                problem = reference.check_scalars(self._scalars(group, step, inject=inject))
+                if problem is not None:
+                    return problem
+        return None
+
+    def _quantized_kwargs(self, params: list, param_states: list, seeds: list, group: dict) -> dict:
         return dict(
-            masters=[st.get("master") for st in states], fmt=params[0].fmt, shapes=[p.shape for p in params],
-            rounding=group["rounding"], seeds=seeds, update_weight=group["lr"] != 0.0,
+            masters=[st.get("master") for st in param_states], fmt=params[0].fmt, shapes=[p.shape for p in params],
+            rounding=group["rounding"], seeds=seeds, update_weight=group["lr"] != 0.0, **_shard_kwargs(params),
         )
 
-    def _step_quantized(self, backend, params, states, seeds, group, step):  # pragma: no cover - abstract
-        """ECO update of quantized ``params`` (same group, step count and format) in one backend call."""
+    def _step_quantized(self, backend, params, param_states, seeds, moments, group, step):  # pragma: no cover
+        """ECO update of quantized ``params`` (same group, step count, format and state formats) in one call."""
         raise NotImplementedError
 
-    def _step_plain(self, backend, params, states, group, step):  # pragma: no cover - abstract
-        """Plain update of ``params`` (same group and step count; complex ones as real views) in one backend call."""
+    def _step_plain(self, backend, params, param_states, seeds, moments, group, step):  # pragma: no cover
+        """Plain update of ``params`` (same group, step count and state formats; complex ones as real views)."""
         raise NotImplementedError
 
     # ------------------------------------------------------------ state_dict
@@ -460,8 +607,8 @@ class _ECOOptimizer(torch.optim.Optimizer):
             if not _lossless(value.dtype, dtype):
                 raise ValueError(
                     f"saved {key} of parameter {pid} is {value.dtype} but this optimizer keeps it in {dtype} "
-                    f"(state_dtype={self.state_dtype}); converting would round the saved state. Build the "
-                    "optimizer with the options it was saved with to resume."
+                    f"(state formats {self._state_format_names()}); converting would round the saved state. Build "
+                    "the optimizer with the options it was saved with to resume."
                 )
             out[key] = value.to(device=p.device, dtype=dtype)
         return out
@@ -478,6 +625,9 @@ class _ECOOptimizer(torch.optim.Optimizer):
             f"a saved {bad!r} state holds NaN or inf: stepping from it would write NaN or zeros into the weights. "
             "Resume from an earlier checkpoint. Nothing was loaded."
         )
+
+    def _state_format_names(self) -> dict:
+        return {name: fmt.name for name, fmt in self.state_formats.items()}
 
     def _formats(self) -> list:
         """The quantization format of every parameter, in param-group order (None: unquantized)."""
@@ -515,7 +665,8 @@ class AdamW(_ECOOptimizer):
         params: parameters or param groups, some of them quantized by ``eco.quantize_``.
         lr, betas, eps, weight_decay: as ``torch.optim.AdamW``.
         rounding: ``"stochastic"`` (default, the paper's best) or ``"nearest"``.
-        state_dtype: dtype of ``exp_avg``/``exp_avg_sq``: ``torch.float32`` or ``torch.bfloat16``.
+        momentum, second_moment: state formats of ``exp_avg`` and ``exp_avg_sq`` (see module docstring).
+        state_dtype: ``torch.float32`` or ``torch.bfloat16`` for both (instead of the formats).
         error_feedback: ``False`` gives naive master-weight removal (no injection).
         master_weights: ``True`` keeps an fp32 master copy (the baseline ECO removes).
         decay_corrected_injection: multiply the injection by ``1 - lr*wd`` (the paper form is the default).
@@ -524,6 +675,9 @@ class AdamW(_ECOOptimizer):
             from rank 0, so that replicas round alike (every rank must then build the optimizer).
         nonfinite: ``"skip"`` or ``"raise"`` on NaN/inf gradients (see module docstring).
         backend: ``"auto"``, ``"reference"``, ``"compiled"`` or ``"triton"`` (see module docstring).
+        gradient_release: ``True`` (or a dict of :func:`eco.release_gradients` options, e.g.
+            ``{"max_grad_norm": 1.0}``) steps each parameter during backward as soon as its gradient is
+            complete, and frees the gradient (see :mod:`eco.release`).
     """
 
     moment_names = ("exp_avg", "exp_avg_sq")
@@ -531,18 +685,20 @@ class AdamW(_ECOOptimizer):
 
     def __init__(
         self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-        weight_decay: float = 1e-2, *, rounding: str = "stochastic", state_dtype: torch.dtype = torch.float32,
+        weight_decay: float = 1e-2, *, rounding: str = "stochastic", momentum: str | None = None,
+        second_moment: str | None = None, state_dtype: torch.dtype | None = None,
         error_feedback: bool = True, master_weights: bool = False, decay_corrected_injection: bool = False,
         seed: int | None = None, generator: torch.Generator | None = None, nonfinite: str = "skip",
-        backend: str = "auto",
+        backend: str = "auto", gradient_release: bool | dict = False,
     ):
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, rounding=rounding,
             error_feedback=error_feedback, master_weights=master_weights,
             decay_corrected_injection=decay_corrected_injection,
         )
-        super().__init__(params, defaults, state_dtype=state_dtype, seed=seed, generator=generator,
-                         nonfinite=nonfinite, backend=backend)
+        super().__init__(params, defaults, state_dtype=state_dtype,
+                         state_formats={"exp_avg": momentum, "exp_avg_sq": second_moment}, seed=seed,
+                         generator=generator, nonfinite=nonfinite, backend=backend, gradient_release=gradient_release)
 
     def _validate_group(self, group):
         super()._validate_group(group)
@@ -563,18 +719,19 @@ class AdamW(_ECOOptimizer):
             step=step, inject=inject, decay_corrected_injection=group["decay_corrected_injection"],
         )
 
-    def _step_quantized(self, backend, params, states, seeds, group, step):
+    def _step_quantized(self, backend, params, param_states, seeds, moments, group, step):
+        m, v = zip(*moments, strict=True)
         backend.adamw_steps_(
             [p.codes for p in params], [p.scales for p in params], [p.grad for p in params],
-            [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
-            scalars=self._scalars(group, step, inject=_injects(group)),
-            **self._quantized_kwargs(params, states, seeds, group),
+            list(m), list(v), scalars=self._scalars(group, step, inject=_injects(group)),
+            **self._quantized_kwargs(params, param_states, seeds, group),
         )
 
-    def _step_plain(self, backend, params, states, group, step):
+    def _step_plain(self, backend, params, param_states, seeds, moments, group, step):
+        m, v = zip(*moments, strict=True)
         backend.plain_adamw_steps_(
-            [_real(p) for p in params], [_real(p.grad) for p in params], [st["exp_avg"] for st in states],
-            [st["exp_avg_sq"] for st in states], scalars=self._scalars(group, step, inject=False),
+            [_real(p) for p in params], [_real(p.grad) for p in params], list(m), list(v),
+            scalars=self._scalars(group, step, inject=False), seeds=seeds, **_shard_kwargs(params),
         )
 
 
@@ -584,7 +741,9 @@ class SGD(_ECOOptimizer):
     Momentum is an exponential moving average, ``m = beta*m + (1-beta)*g``
     (``torch.optim.SGD`` with ``dampening=momentum``, starting from zero);
     weight decay is added to the gradient. The ECO injection needs
-    ``0 < momentum < 1``. Other options as :class:`AdamW`.
+    ``0 < momentum < 1``. ``momentum_state``: the state format of the
+    momentum buffer (``"fp32"``, ``"bf16"``, ``"int8"``, ``"fp8"`` or
+    ``"8bit"``). Other options as :class:`AdamW`.
     """
 
     moment_names = ("momentum_buffer",)
@@ -593,16 +752,18 @@ class SGD(_ECOOptimizer):
 
     def __init__(
         self, params: Iterable, lr: float = 1e-2, momentum: float = 0.9, weight_decay: float = 0.0, *,
-        rounding: str = "stochastic", state_dtype: torch.dtype = torch.float32, error_feedback: bool = True,
-        master_weights: bool = False, seed: int | None = None, generator: torch.Generator | None = None,
-        nonfinite: str = "skip", backend: str = "auto",
+        rounding: str = "stochastic", momentum_state: str | None = None, state_dtype: torch.dtype | None = None,
+        error_feedback: bool = True, master_weights: bool = False, seed: int | None = None,
+        generator: torch.Generator | None = None, nonfinite: str = "skip", backend: str = "auto",
+        gradient_release: bool | dict = False,
     ):
         defaults = dict(
             lr=lr, momentum=momentum, weight_decay=weight_decay, rounding=rounding,
             error_feedback=error_feedback, master_weights=master_weights,
         )
-        super().__init__(params, defaults, state_dtype=state_dtype, seed=seed, generator=generator,
-                         nonfinite=nonfinite, backend=backend)
+        super().__init__(params, defaults, state_dtype=state_dtype, state_formats={"momentum_buffer": momentum_state},
+                         seed=seed, generator=generator, nonfinite=nonfinite, backend=backend,
+                         gradient_release=gradient_release)
 
     def _validate_group(self, group):
         super()._validate_group(group)
@@ -624,18 +785,19 @@ class SGD(_ECOOptimizer):
                 "dampening=momentum), so the run cannot be resumed exactly"
             )
 
-    def _scalars(self, group, inject):
+    def _scalars(self, group, step=None, inject=False):
         return reference.sgd_scalars(
             lr=group["lr"], momentum=group["momentum"], weight_decay=group["weight_decay"], inject=inject
         )
 
-    def _step_quantized(self, backend, params, states, seeds, group, step):
+    def _step_quantized(self, backend, params, param_states, seeds, moments, group, step):
         backend.sgd_steps_(
             [p.codes for p in params], [p.scales for p in params], [p.grad for p in params],
-            [st["momentum_buffer"] for st in states], scalars=self._scalars(group, inject=_injects(group)),
-            **self._quantized_kwargs(params, states, seeds, group),
+            [mo[0] for mo in moments], scalars=self._scalars(group, inject=_injects(group)),
+            **self._quantized_kwargs(params, param_states, seeds, group),
         )
 
-    def _step_plain(self, backend, params, states, group, step):
+    def _step_plain(self, backend, params, param_states, seeds, moments, group, step):
         backend.plain_sgd_steps_([_real(p) for p in params], [_real(p.grad) for p in params],
-                                 [st["momentum_buffer"] for st in states], scalars=self._scalars(group, inject=False))
+                                 [mo[0] for mo in moments], scalars=self._scalars(group, inject=False),
+                                 seeds=seeds, **_shard_kwargs(params))

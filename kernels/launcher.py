@@ -12,19 +12,20 @@ import contextlib
 import math
 import os
 
+import numpy as np
 import torch
 
-from eco import reference
+from eco import reference, rng, states
 from eco.formats import QuantFormat
 
 try:
     import triton
 
-    from . import eco_step, specs
+    from . import eco_step, moments, specs
 
     IMPORT_ERROR = None
 except Exception as exc:  # pragma: no cover - exercised only where triton is missing
-    triton = eco_step = specs = None
+    triton = eco_step = moments = specs = None
     IMPORT_ERROR = f"triton is not importable ({type(exc).__name__}: {exc})"
 
 #: tensors up to this many elements share multi-tensor launches; larger ones get their own
@@ -102,7 +103,7 @@ def launch(spec, grid: tuple, **args) -> None:
         if typ.startswith("*"):
             if "*" + specs.TRITON_DTYPES.get(value.dtype, str(value.dtype)) != typ:
                 raise TypeError(f"kernel {spec.name}: {name} must be {typ}, got a {value.dtype} tensor")
-            if value.data_ptr() % 16:
+            if name in spec.aligned and value.data_ptr() % 16:
                 raise ValueError(f"kernel {spec.name}: {name} is not 16-byte aligned; pass a fresh (cloned) tensor")
     if math.prod(grid) == 0:
         return
@@ -145,11 +146,34 @@ def contiguous(name: str, t: torch.Tensor, *, written: bool) -> torch.Tensor:
     return t.contiguous()
 
 
-def geometry(fmt: QuantFormat, shape) -> dict:
-    """Rows, columns, code columns and rows per scale of a weight of ``shape`` as the step kernels tile it."""
+def geometry(fmt: QuantFormat | None, shape) -> dict:
+    """Rows, columns, code columns and rows per scale of a parameter of ``shape`` as the step kernels tile it.
+
+    ``fmt`` None: a plain parameter (a 0-d or 1-D one is one row).
+    """
+    shape = tuple(shape) or (1,)
     rows = math.prod(shape[:-1])
+    if fmt is None:
+        return dict(rows=rows, n_cols=shape[-1], code_cols=shape[-1], rows_per_scale=1)
     rows_per_scale = shape[-2] if fmt.tensorwise else 1
     return dict(rows=rows, n_cols=shape[-1], code_cols=fmt.code_shape(shape)[-1], rows_per_scale=rows_per_scale)
+
+
+def matrix_rows(shape) -> int:
+    """Rows of one matrix (the last two dimensions) of a parameter of ``shape``; 1 below two dimensions."""
+    return shape[-2] if len(shape) >= 2 else 1
+
+
+def stream_words(seed: int | None, offset: int) -> tuple[int, ...]:
+    """``(stride, base)`` of the weight, m and v streams of ``seed`` at global element ``offset`` (``rng.key``),
+    as unsigned 32-bit ints; zeros without a seed (nothing is rounded stochastically)."""
+    if seed is None:
+        return (0,) * 6
+    words = []
+    for stream_seed in rng.stream_seeds(seed):
+        key = rng.key(stream_seed, offset)
+        words += [int(key.stride) & 0xFFFFFFFF, int(key.base) & 0xFFFFFFFF]
+    return tuple(words)
 
 
 # ---------------------------------------------------------------- multi-tensor tables
@@ -166,36 +190,53 @@ def _stream_offsets(tensors, firsts) -> list[int]:
                                                                                             strict=True)]
 
 
+def _tables_key(*parts, items) -> tuple:
+    return (*parts, tuple((tuple(shape), *((t.data_ptr(), t.dtype) for t in ts)) for shape, *ts in items))
+
+
 _STEP_TABLES: dict = {}
 _DEVICE_TABLES: dict = {}
 
-
-def groupable(fmt: QuantFormat, shape, codes, scales, grad, *others) -> bool:
-    """Whether a weight may share a multi-tensor launch: small, last dim a multiple of 16 (so every
-    stream's rows start 16-byte aligned), contiguous 16-byte aligned tensors of the expected sizes."""
-    return (math.prod(shape) <= MULTI_TENSOR_MAX_NUMEL and len(shape) >= 2 and shape[-1] % 16 == 0
-            and tuple(codes.shape) == tuple(fmt.code_shape(shape))
-            and tuple(scales.shape) == tuple(fmt.scale_shape(shape)) and grad.numel() == math.prod(shape)
-            and aligned(codes, scales, grad, *others))
+#: the pointer arguments of a multi-tensor step, in the order of an item's tensors (see :func:`step_table`)
+STEP_POINTERS = ("codes_ptr", "scales_ptr", "grad_ptr", "exp_avg_ptr", "exp_avg_scale_ptr", "exp_avg_sq_ptr",
+                 "exp_avg_sq_scale_ptr", "v_row_ptr", "v_col_ptr", "v_mean_ptr", "master_ptr")
 
 
-def step_table(fmt: QuantFormat, block: int, items: list) -> tuple:
-    """The int64 table of :func:`eco_step.eco_multi_step_kernel` (seeds 0) on the host, cached per set of tensors.
+def groupable(fmt: QuantFormat | None, shape, streams, block_aligned: bool) -> bool:
+    """Whether a tensor may share a multi-tensor launch: small, last dim (a plain tensor's numel when it is
+    below two dimensions) a multiple of 16 (of ``STATE_BLOCK`` when ``block_aligned``: 8-bit or factored
+    states of a flat-tiled tensor), and contiguous 16-byte aligned ``streams``."""
+    numel = math.prod(shape)
+    flat = fmt is None or fmt.group_size is not None
+    last = shape[-1] if len(shape) >= 2 else numel
+    if numel > MULTI_TENSOR_MAX_NUMEL or last % 16 or numel == 0 or (fmt is not None and len(shape) < 2):
+        return False
+    if block_aligned and flat and len(shape) >= 2 and last % states.STATE_BLOCK:
+        return False
+    return aligned(*streams)
 
-    ``items`` are ``(shape, codes, scales, grad, exp_avg, exp_avg_sq, master)``.
-    Returns ``(table, seed slots, workspace int32 elements, programs)``.
+
+def step_table(fmt: QuantFormat | None, block: int, items: list, gmax_sizes: list[int]) -> tuple:
+    """The int64 table of :func:`eco_step.eco_multi_step_kernel` (stream keys 0) on the host, cached per set of
+    tensors.
+
+    ``items`` are ``(shape, *tensors)`` with the tensors in :data:`STEP_POINTERS` order (unused ones: the
+    same dummy for every item); ``gmax_sizes``: each tensor's words of the max |g| workspace (its matrices
+    with a factored second moment, else 0). Returns ``(table, stream slots, workspace int32 elements,
+    programs)``: the stream slots are the table words of each tensor's six stream keys.
     """
-    key = (fmt, block, tuple((tuple(shape), *((t.data_ptr(), t.dtype) for t in ts)) for shape, *ts in items))
+    key = _tables_key(fmt, block, tuple(gmax_sizes), items=items)
     cached = _STEP_TABLES.get(key)
     if cached is not None:
         return cached
-    programs, entries, workspace = [], [], 0
+    programs, entries, stream_slots, workspace, gmax = [], [], [], 0, 0
     firsts = items[0][1:]
+    flat = fmt is None or fmt.group_size is not None
     for index, (shape, *tensors) in enumerate(items):
-        # Block/group formats: the tensor as one row of numel elements (its groups never straddle rows, and
-        # the random bits of element i are those of the per-row tiling: counter i // 4), so that narrow
-        # matrices fill whole tiles. Row/tensor scales need real rows.
-        geo = geometry(fmt, shape if fmt.group_size is None else (1, math.prod(shape)))
+        # Block/group formats and plain parameters: the tensor as one row of numel elements (its groups and state
+        # blocks never straddle rows, and the random numbers of element i are its own), so that narrow matrices
+        # fill whole tiles. Row/tensor scales need real rows.
+        geo = geometry(fmt, (1, math.prod(shape)) if flat else shape)
         tiles = triton.cdiv(geo["n_cols"], block)
         linear = torch.arange(geo["rows"] * tiles, dtype=torch.int64)
         program = torch.zeros(linear.numel(), eco_step.MULTI_PROGRAM_WORDS.value, dtype=torch.int64)
@@ -203,23 +244,34 @@ def step_table(fmt: QuantFormat, block: int, items: list) -> tuple:
         program[:, eco_step.STEP_PROGRAM_ROW.value] = linear // tiles
         program[:, eco_step.STEP_PROGRAM_TILE.value] = linear % tiles
         programs.append(program)
-        codes, scales, grad, exp_avg, exp_avg_sq, master = _stream_offsets(tensors, firsts)
-        n_scale_groups = tensors[1].numel()
-        entries.append(_record(eco_step.MULTI_TENSOR_WORDS, {
+        offsets = dict(zip(STEP_POINTERS, _stream_offsets(tensors, firsts), strict=True))
+        n_scale_groups = tensors[1].numel() if fmt is not None else 0
+        fields = {
             eco_step.STEP_N_COLS: geo["n_cols"], eco_step.STEP_CODE_COLS: geo["code_cols"],
             eco_step.STEP_ROWS_PER_SCALE: geo["rows_per_scale"], eco_step.STEP_N_SCALE_GROUPS: n_scale_groups,
-            eco_step.STEP_SEED: 0, eco_step.STEP_CODES: codes, eco_step.STEP_SCALES: scales,
-            eco_step.STEP_WORKSPACE: workspace, eco_step.STEP_GRAD: grad, eco_step.STEP_EXP_AVG: exp_avg,
-            eco_step.STEP_EXP_AVG_SQ: exp_avg_sq, eco_step.STEP_MASTER: master,
-        }))
-        if fmt.group_size is None:
+            eco_step.STEP_MATRIX_ROWS: matrix_rows(shape), eco_step.STEP_ROW_LENGTH: shape[-1] if shape else 1,
+            eco_step.STEP_WORKSPACE: workspace, eco_step.STEP_GMAX: gmax,
+        }
+        fields.update({word: 0 for word in eco_step.STEP_STREAM_WORDS})
+        for word, name in ((eco_step.STEP_CODES, "codes_ptr"), (eco_step.STEP_SCALES, "scales_ptr"),
+                           (eco_step.STEP_GRAD, "grad_ptr"), (eco_step.STEP_EXP_AVG, "exp_avg_ptr"),
+                           (eco_step.STEP_EXP_AVG_SCALE, "exp_avg_scale_ptr"),
+                           (eco_step.STEP_EXP_AVG_SQ, "exp_avg_sq_ptr"),
+                           (eco_step.STEP_EXP_AVG_SQ_SCALE, "exp_avg_sq_scale_ptr"),
+                           (eco_step.STEP_V_ROW, "v_row_ptr"), (eco_step.STEP_V_COL, "v_col_ptr"),
+                           (eco_step.STEP_V_MEAN, "v_mean_ptr"), (eco_step.STEP_MASTER, "master_ptr")):
+            fields[word] = offsets[name]
+        entries.append(_record(eco_step.MULTI_TENSOR_WORDS, fields))
+        if fmt is not None and fmt.group_size is None:
             workspace += 2 * n_scale_groups
+        gmax += gmax_sizes[index]
     program_table = torch.cat(programs).reshape(-1)
     n_programs = program_table.numel() // eco_step.MULTI_PROGRAM_WORDS.value
     words = eco_step.MULTI_TENSOR_WORDS.value
-    seed_slots = [program_table.numel() + words * i + eco_step.STEP_SEED.value for i in range(len(items))]
+    stream_slots = [[program_table.numel() + words * i + w.value for w in eco_step.STEP_STREAM_WORDS]
+                    for i in range(len(items))]
     table = torch.cat([program_table, torch.tensor(entries, dtype=torch.int64).reshape(-1)])
-    return _cache_put(_STEP_TABLES, key, (table, seed_slots, workspace, n_programs))
+    return _cache_put(_STEP_TABLES, key, (table, stream_slots, workspace, n_programs))
 
 
 def _record(words, fields: dict) -> list[int]:
@@ -231,11 +283,13 @@ def _record(words, fields: dict) -> list[int]:
     return record
 
 
-def device_table(table: torch.Tensor, seed_slots: list[int], seeds: list[int], device) -> torch.Tensor:
-    """``table`` on ``device`` with the seeds written in; cached while they are all 0 (round-to-nearest)."""
-    if any(seeds):
+def device_table(table: torch.Tensor, stream_slots: list[list[int]], keys: list[tuple], device) -> torch.Tensor:
+    """``table`` on ``device`` with each tensor's stream keys written in; cached while they are all 0 (nothing is
+    rounded stochastically)."""
+    if any(any(k) for k in keys):
         table = table.clone()
-        table[seed_slots] = torch.tensor(seeds, dtype=torch.int64)
+        for slots, words in zip(stream_slots, keys, strict=True):
+            table[slots] = torch.tensor([words[i] for i in range(len(slots))], dtype=torch.int64)
         return table.to(device)
     key = (id(table), str(device))
     cached = _DEVICE_TABLES.get(key)
@@ -247,22 +301,90 @@ def device_table(table: torch.Tensor, seed_slots: list[int], seeds: list[int], d
 _PLAIN_TABLES: dict = {}
 
 
-def plain_table(params, grads, exp_avgs, exp_avg_sqs, block: int) -> torch.Tensor:
-    """The int64 launch table of :func:`eco_step.plain_multi_step_kernel` on the device, cached per set of tensors."""
+def plain_table(params, grads, exp_avgs, exp_avg_sqs, block: int) -> tuple:
+    """The int64 launch table of :func:`eco_step.plain_multi_step_kernel` on the host (stream keys 0), cached per
+    set of tensors. Returns ``(table, stream slots)`` (the words of each tensor's m and v keys)."""
     lists = (params, grads, exp_avgs, exp_avg_sqs)
     key = (block, tuple((t.data_ptr(), t.numel()) for ts in lists for t in ts))
-    table = _PLAIN_TABLES.get(key)
-    if table is not None:
-        return table
+    cached = _PLAIN_TABLES.get(key)
+    if cached is not None:
+        return cached
     programs, entries = [], []
     for index, p in enumerate(params):
         for start in range(0, p.numel(), block):
             programs += _record(eco_step.PLAIN_PROGRAM_WORDS, {eco_step.PLAIN_PROGRAM_TENSOR: index,
                                                                 eco_step.PLAIN_PROGRAM_START: start})
         param, grad, exp_avg, exp_avg_sq = _stream_offsets([ts[index] for ts in lists], [ts[0] for ts in lists])
-        entries += _record(eco_step.PLAIN_TENSOR_WORDS, {
-            eco_step.PLAIN_NUMEL: p.numel(), eco_step.PLAIN_PARAM: param, eco_step.PLAIN_GRAD: grad,
-            eco_step.PLAIN_EXP_AVG: exp_avg, eco_step.PLAIN_EXP_AVG_SQ: exp_avg_sq,
+        fields = {eco_step.PLAIN_NUMEL: p.numel(), eco_step.PLAIN_PARAM: param, eco_step.PLAIN_GRAD: grad,
+                  eco_step.PLAIN_EXP_AVG: exp_avg, eco_step.PLAIN_EXP_AVG_SQ: exp_avg_sq}
+        fields.update({word: 0 for word in eco_step.PLAIN_STREAM_WORDS})
+        entries += _record(eco_step.PLAIN_TENSOR_WORDS, fields)
+    words = eco_step.PLAIN_TENSOR_WORDS.value
+    stream_slots = [[len(programs) + words * i + w.value for w in eco_step.PLAIN_STREAM_WORDS]
+                    for i in range(len(params))]
+    return _cache_put(_PLAIN_TABLES, key, (torch.tensor(programs + entries, dtype=torch.int64), stream_slots))
+
+
+# ---------------------------------------------------------------- factored second moments
+_FACTORED_TABLES: dict = {}
+
+
+def factored_tables(items: list) -> tuple:
+    """The int64 tables of ``moments.factored_stats_kernel`` and ``moments.factored_finalize_kernel`` on the host
+    (v-stream keys 0), cached per set of tensors, and the workspace layout.
+
+    ``items`` are ``(shape, full_shape, grad, row, col, mean)`` of the tensors with a factored second moment
+    (``full_shape``: the unsharded tensor's; a dim-0 shard's ``shape`` has fewer rows). Returns
+    ``(stats table, finalize table, stream slots (per table), stats programs, finalize programs, workspace
+    sizes (gmax, row sums, column sums, totals), per-tensor workspace offsets)``.
+    """
+    key = _tables_key("factored", items=[(s, g, r, c, m) for s, _, g, r, c, m in items]) + (
+        tuple(tuple(f) for _, f, *_ in items),)
+    cached = _FACTORED_TABLES.get(key)
+    if cached is not None:
+        return cached
+    tile_rows, tile_cols = specs.STATS_TILE
+    rows_per_program = tile_rows * specs.STATS_ROW_TILES
+    firsts = items[0][2:]
+    stats_programs, final_programs, entries, layout = [], [], [], []
+    sizes = [0, 0, 0, 0]
+    for index, (shape, full_shape, *tensors) in enumerate(items):
+        lay = reference.layout(shape)
+        n_mats = math.prod(shape[:-2])
+        full_rows = reference.layout(full_shape).matrix_rows
+        grad, row, col, mean = _stream_offsets(tensors, firsts)
+        offsets = tuple(sizes)
+        layout.append(offsets)
+        for m in range(n_mats):
+            for r in range(m * lay.matrix_rows, (m + 1) * lay.matrix_rows, rows_per_program):
+                for c in range(0, lay.cols, tile_cols):
+                    stats_programs += [index, r, c]
+        for part, count in ((moments.FINAL_ROWS, lay.rows), (moments.FINAL_COLS, n_mats * lay.cols),
+                            (moments.FINAL_MEANS, n_mats)):
+            for start in range(0, count, specs.FINALIZE_BLOCK):
+                final_programs += [index, part.value, start]
+        entries += _record(moments.FACT_TENSOR_WORDS, {
+            moments.FACT_ROWS: lay.rows, moments.FACT_COLS: lay.cols, moments.FACT_MATRIX_ROWS: lay.matrix_rows,
+            moments.FACT_MATRICES: n_mats, moments.FACT_BITS: reference.fixed_point_bits(full_rows, lay.cols),
+            moments.FACT_V_STRIDE: 0, moments.FACT_V_BASE: 0, moments.FACT_GRAD: grad,
+            moments.FACT_GMAX: offsets[0], moments.FACT_ROW_SUM: offsets[1], moments.FACT_COL_SUM: offsets[2],
+            moments.FACT_TOTAL: offsets[3], moments.FACT_ROW: row, moments.FACT_COL: col, moments.FACT_MEAN: mean,
+            moments.FACT_COUNT_COLS: _f32_bits(lay.cols), moments.FACT_COUNT_ROWS: _f32_bits(full_rows),
+            moments.FACT_COUNT_ALL: _f32_bits(full_rows * lay.cols),
         })
-    table = torch.tensor(programs + entries, dtype=torch.int64).to(params[0].device)
-    return _cache_put(_PLAIN_TABLES, key, table)
+        for i, n in enumerate((n_mats, lay.rows, n_mats * lay.cols, n_mats)):
+            sizes[i] += n
+    words = moments.FACT_TENSOR_WORDS.value
+    tables, slots = [], []
+    for programs in (stats_programs, final_programs):
+        tables.append(torch.tensor(programs + entries, dtype=torch.int64))
+        slots.append([[len(programs) + words * i + w.value for w in (moments.FACT_V_STRIDE, moments.FACT_V_BASE)]
+                      for i in range(len(items))])
+    n_stats = len(stats_programs) // moments.STATS_PROGRAM_WORDS.value
+    n_final = len(final_programs) // moments.FINAL_PROGRAM_WORDS.value
+    return _cache_put(_FACTORED_TABLES, key, (*tables, slots, n_stats, n_final, tuple(sizes), layout))
+
+
+def _f32_bits(count: int) -> int:
+    """The fp32 bits of ``count`` rounded to fp32 on the host (as ``reference._finalize_factored_`` divides by)."""
+    return int(np.array(count, dtype=np.float32).view(np.int32))

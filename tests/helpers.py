@@ -59,3 +59,14 @@ def assert_same_training_state(expected_model, expected_opt, actual_model, actua
         for key, value in expected_opt.state[a].items():
             if isinstance(value, torch.Tensor):
                 assert_bits_equal(actual_opt.state[b][key], value, f"{name} {key}")
+
+
+def traffic_table() -> dict:
+    """``eco.kernels.traffic``'s docstring table: ``{(row label, "FP8"|"INT4"): (block/group, row/tensor,
+    row/tensor first-pass re-read)}`` in bytes per parameter."""
+    import re
+
+    from eco.kernels import traffic
+
+    row = re.compile(r"^((?:AdamW|SGD), [^\n]+?)\s{2,}(FP8|INT4)\s+([\d.]+)\s+([\d.]+) \(\+([\d.]+)\)$", re.M)
+    return {(label, fmt): tuple(map(float, values)) for label, fmt, *values in row.findall(traffic.__doc__)}

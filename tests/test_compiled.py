@@ -1,97 +1,107 @@
 """The compiled CPU path (``eco.compiled``) computes what the eager reference computes, bit for bit.
 
 Each combination compiles once per process (seconds each on a small CPU), so
-the combinations below cover every format, rounding, optimizer and state dtype
-without taking their full cross product.
+the combinations below cover every weight format, rounding, optimizer and
+state format without taking their full cross product. Stochastic steps are
+bit-identical too: both paths draw from ``eco.rng``.
 """
 
-import functools
 import warnings
 
-import numpy as np
 import pytest
 import torch
 
 import eco
-from eco import backends, compiled, reference
-from eco.formats import ROUNDINGS
-from tests.helpers import FORMATS
+from eco import backends, compiled, reference, rng, states
+from tests.helpers import FORMATS, assert_bits_equal, assert_same_training_state
 
 SHAPE = (5, 96)  # rows not a multiple of 8 (the vector width), columns a multiple of every group size
 ADAM = dict(lr=1e-2, beta1=0.9, beta2=0.98, eps=1e-8, weight_decay=0.1)
 
 
-def _state(fmt, state_dtype, seed=0, shape=SHAPE):
+def _state(fmt, m_name, v_name, seed=0, shape=SHAPE):
+    """codes, scales, grad, m and v (as ``reference.Moment``s, non-trivial values) of one quantized weight."""
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(shape, generator=gen) * 0.05
     codes, scales = fmt.quantize(w)
     grad = torch.randn(shape, generator=gen) * 0.01
-    exp_avg = (torch.randn(shape, generator=gen) * 0.01).to(state_dtype)
-    exp_avg_sq = (torch.rand(shape, generator=gen) * 1e-4).to(state_dtype)
-    return [codes, scales, grad, exp_avg, exp_avg_sq]
+    moments = []
+    for fmt_of, name, values in ((states.momentum_format, m_name, torch.randn(shape, generator=gen) * 0.01),
+                                 (states.second_moment_format, v_name, torch.rand(shape, generator=gen) * 1e-4)):
+        sf = states.for_shape(fmt_of(name), shape) if name else None
+        if sf is None:
+            continue
+        mo = reference.Moment(sf, sf.allocate(shape, "cpu"))
+        if not isinstance(sf, states.Factored):
+            lay = reference.layout(shape)
+            sf.store_(tuple(t.view(lay.rows, -1) for t in mo.tensors), values.reshape(lay.rows, lay.cols),
+                      rng.key(seed + 1))
+        else:
+            for t in mo.tensors:
+                t.copy_(torch.rand(t.shape, generator=gen) * 1e-4)
+        moments.append(mo)
+    return [codes, scales, grad, *moments]
+
+
+def _flat(state):
+    out = []
+    for x in state:
+        out.extend(x.tensors if isinstance(x, reference.Moment) else [x])
+    return out
 
 
 def _assert_same(a, b):
-    for x, y in zip(a, b, strict=True):
-        if x.dtype == torch.float8_e4m3fn:
-            x, y = x.view(torch.uint8), y.view(torch.uint8)
-        assert torch.equal(x, y)
+    for x, y in zip(_flat(a), _flat(b), strict=True):
+        assert_bits_equal(x, y, "state")
 
 
-CASES = [  # (format, rounding, state dtype, master)
-    *[(name, rounding, torch.bfloat16, False) for name in FORMATS for rounding in ROUNDINGS],
-    ("fp8-row", "stochastic", torch.float32, False),
-    ("int4-group32", "nearest", torch.float32, True),
+CASES = [  # (format, rounding, m format, v format, master)
+    *[(name, rounding, "bf16", "bf16", False) for name in FORMATS for rounding in ("nearest", "stochastic")],
+    *[(name, "stochastic", "int8", "factored", False) for name in FORMATS],
+    ("fp8-row", "stochastic", "fp8", "fp8", False),
+    ("fp8-block32", "nearest", "fp32", "fp32", False),
+    ("int4-group32", "nearest", "fp32", "fp32", True),
 ]
 
 
-@pytest.mark.parametrize("name,rounding,state_dtype,with_master", CASES)
-def test_compiled_adamw_equals_the_eager_reference(name, rounding, state_dtype, with_master):
+@pytest.mark.parametrize("name,rounding,m_name,v_name,with_master", CASES)
+def test_compiled_adamw_equals_the_eager_reference(name, rounding, m_name, v_name, with_master):
     fmt = FORMATS[name]
-    ours, theirs = _state(fmt, state_dtype), _state(fmt, state_dtype)
+    ours, theirs = _state(fmt, m_name, v_name), _state(fmt, m_name, v_name)
     masters = [fmt.dequantize(ours[0], ours[1], SHAPE) if with_master else None for _ in range(2)]
     if with_master:
         masters[1] = masters[0].clone()
-    for step, seed in ((1, 11), (2, 12)):
+    for step, seed in ((1, 11), (2, 12), (3, None)):
         scalars = reference.adamw_scalars(step=step, **ADAM)
+        torch.manual_seed(step)  # seed None: both draw their seed from torch's generator
         compiled.adamw_step_(*ours, masters[0], fmt=fmt, shape=torch.Size(SHAPE), scalars=scalars,
                              rounding=rounding, seed=seed)
-        # The eager reference with the compiled path's random numbers.
-        reference.adamw_update_(
-            *theirs, masters[1], reference.coefficients(scalars), fmt=fmt, shape=torch.Size(SHAPE),
-            rounding=rounding, uniform=functools.partial(compiled.counter_uniform, torch.tensor(seed)),
-            update_weight=True, injects=not with_master,
-        )
+        torch.manual_seed(step)
+        reference.adamw_step_(*theirs, masters[1], fmt=fmt, shape=torch.Size(SHAPE), scalars=scalars,
+                              rounding=rounding, seed=seed)
         _assert_same(ours, theirs)
         if with_master:
             assert torch.equal(masters[0], masters[1])
-    if rounding == "nearest":  # and then exactly the public reference step
-        eager = [t.clone() for t in ours]
-        scalars = reference.adamw_scalars(step=3, **ADAM)
-        compiled.adamw_step_(*ours, masters[0], fmt=fmt, shape=torch.Size(SHAPE), scalars=scalars,
-                             rounding=rounding, seed=None)
-        reference.adamw_step_(*eager, masters[1], fmt=fmt, shape=torch.Size(SHAPE), scalars=scalars,
-                              rounding=rounding, seed=None)
-        _assert_same(ours, eager)
 
 
-@pytest.mark.parametrize("name,weight_decay", [("fp8-block32", 0.0), ("int4-tensor", 0.05)])
-def test_compiled_sgd_equals_the_eager_reference(name, weight_decay):
+@pytest.mark.parametrize("name,weight_decay,m_name", [("fp8-block32", 0.0, "fp32"), ("int4-tensor", 0.05, "int8"),
+                                                      ("fp8-row", 0.0, "bf16")])
+def test_compiled_sgd_equals_the_eager_reference(name, weight_decay, m_name):
     fmt = FORMATS[name]
-    ours, theirs = _state(fmt, torch.float32)[:4], _state(fmt, torch.float32)[:4]
+    ours, theirs = _state(fmt, m_name, None)[:4], _state(fmt, m_name, None)[:4]
     scalars = reference.sgd_scalars(lr=0.05, momentum=0.9, weight_decay=weight_decay)
-    for _ in range(2):
-        compiled.sgd_step_(*ours, None, fmt=fmt, shape=torch.Size(SHAPE), scalars=scalars, rounding="nearest",
-                           seed=None)
-        reference.sgd_step_(*theirs, None, fmt=fmt, shape=torch.Size(SHAPE), scalars=scalars, rounding="nearest",
-                            seed=None)
+    for seed in (3, 4):
+        compiled.sgd_step_(*ours, None, fmt=fmt, shape=torch.Size(SHAPE), scalars=scalars, rounding="stochastic",
+                           seed=seed)
+        reference.sgd_step_(*theirs, None, fmt=fmt, shape=torch.Size(SHAPE), scalars=scalars, rounding="stochastic",
+                            seed=seed)
         _assert_same(ours, theirs)
 
 
 def test_compiled_plain_steps_equal_the_eager_reference():
     def tensors(seed):
         gen = torch.Generator().manual_seed(seed)
-        return [[torch.randn(n, generator=gen) for n in (7, 300)] for _ in range(4)]
+        return [[torch.randn(n, generator=gen) for n in ((7,), (300,), (5, 6))] for _ in range(4)]
 
     ours, theirs = tensors(0), tensors(0)
     for t in (ours, theirs):
@@ -104,64 +114,33 @@ def test_compiled_plain_steps_equal_the_eager_reference():
     reference.plain_sgd_steps_(*theirs[:3], scalars=sgd)
     for a, b in zip(ours, theirs, strict=True):
         _assert_same(a, b)
-
-
-def test_counter_uniform_is_uniform_and_independent_across_seeds_and_neighbours():
-    y = torch.empty(1 << 16)
-    u = compiled.counter_uniform(torch.tensor(123456789123), y)
-    assert u.dtype == torch.float32 and u.min() >= 0 and u.max() < 1
-    # Kolmogorov-Smirnov: sup |F_n - F| < 1.63 / sqrt(n) at the 1% level.
-    sorted_u, _ = u.double().sort()
-    expected = torch.arange(1, len(u) + 1, dtype=torch.float64) / len(u)
-    assert (sorted_u - expected).abs().max() < 1.63 / len(u) ** 0.5
-    # Neighbours and the next seed are uncorrelated (|r| < 4/sqrt(n)).
-    other = compiled.counter_uniform(torch.tensor(123456789124), y)
-    for a, b in ((u[:-1], u[1:]), (u, other)):
-        r = torch.corrcoef(torch.stack((a, b)).double())[0, 1]
-        assert abs(r) < 4 / len(u) ** 0.5
-    assert torch.equal(u, compiled.counter_uniform(torch.tensor(123456789123), y))  # reproducible
-
-
-def _lowbias32_uniform(seed: int, numel: int) -> np.ndarray:
-    """counter_uniform written independently, in numpy uint32 arithmetic (wrapping by definition)."""
-    with np.errstate(over="ignore"):
-        x = np.arange(numel, dtype=np.uint64).astype(np.uint32) * np.uint32((seed >> 32) | 1) \
-            + np.uint32(seed & 0xFFFFFFFF)
-        x ^= x >> np.uint32(16)
-        x *= np.uint32(0x7FEB352D)
-        x ^= x >> np.uint32(15)
-        x *= np.uint32(0x846CA68B)
-        x ^= x >> np.uint32(16)
-    return (x >> np.uint32(8)).astype(np.float32) * np.float32(2.0**-24)
-
-
-SEEDS = [0, 1, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**62 - 1, 123456789123, ((2**30 - 1) << 32) + 3_000_000_000]
-
-
-@pytest.mark.parametrize("how", ["eager", "compiled", "int64 index"])
-def test_counter_uniform_is_the_lowbias32_hash_bit_for_bit(how, monkeypatch):
-    """The int32 implementation wraps exactly like uint32 arithmetic, eager and compiled, for seeds whose
-    low word has the sign bit set; tensors of 2**31+ elements (the int64 index path) give the same values."""
-    if how == "int64 index":
-        monkeypatch.setattr(compiled, "_INT32_INDEX_LIMIT", 100)
-    fn = compiled.counter_uniform
-    if how == "compiled":
-        fn = torch.compile(fn, dynamic=False, fullgraph=True)
-    y = torch.empty(7, 4099)
-    for seed in SEEDS:
-        expected = torch.from_numpy(_lowbias32_uniform(seed, y.numel())).reshape(y.shape)
-        assert torch.equal(fn(torch.tensor(seed), y), expected), seed
+    # 8-bit m and a factored v (the (5, 6) matrix; 1-D tensors keep a full v)
+    shapes = [(7,), (5, 6)]
+    results = []
+    for backend in (compiled, reference):
+        gen = torch.Generator().manual_seed(1)
+        params = [torch.randn(s, generator=gen) for s in shapes]
+        ms = [reference.Moment(states.INT8_STATE, states.INT8_STATE.allocate(s, "cpu")) for s in shapes]
+        vs = [reference.Moment(f, f.allocate(s, "cpu"))
+              for s in shapes for f in [states.for_shape(states.FACTORED_STATE, s)]]
+        for step in (1, 2):
+            grads = [torch.randn(s, generator=gen) for s in shapes]
+            backend.plain_adamw_steps_(params, grads, ms, vs, scalars=reference.adamw_scalars(step=step, **ADAM),
+                                       seeds=[5 * step, 5 * step + 1])
+        results.append([params, ms, vs])
+    for a, b in zip(*results, strict=True):
+        _assert_same(a, b)
 
 
 def test_stochastic_rounding_with_counter_uniforms_is_unbiased():
     """Many seeds quantizing the same values: the mean stored value approaches the input."""
-    fmt = eco.FP8(block_size=32)
+    fmt = eco.FP8(group_size=32)
     x = torch.linspace(-1, 1, 64).reshape(2, 32) * 0.37
     total = torch.zeros_like(x, dtype=torch.float64)
     n = 400
     for seed in range(n):
-        codes, scales = fmt.quantize(x, "stochastic", uniform=functools.partial(compiled.counter_uniform,
-                                                                                torch.tensor(seed * 7919)))
+        key = rng.key(seed * 7919)
+        codes, scales = fmt.quantize(x, "stochastic", uniform=lambda y, key=key: rng.uniform(key, y.shape))
         total += fmt.dequantize(codes, scales, x.shape).double()
     grid_step = (x.abs() / 8).clamp(min=1e-3)  # E4M3's spacing is at most |x| / 8
     # the mean of n draws within a step of x: 4 standard deviations of n Bernoulli draws
@@ -187,7 +166,7 @@ def test_a_compile_failure_falls_back_to_the_reference_with_a_warning(monkeypatc
         raise RuntimeError("no compiler here")
 
     monkeypatch.setattr(compiled, "_failure", None)
-    monkeypatch.setattr(compiled, "_plain_adamw", lambda: broken)
+    monkeypatch.setattr(compiled, "_compiled", lambda *a: broken)
     p, g, m, v = (torch.randn(10) for _ in range(4))
     v = v.abs()
     expected = [t.clone() for t in (p, g, m, v)]
@@ -206,16 +185,21 @@ def test_a_compile_failure_falls_back_to_the_reference_with_a_warning(monkeypatc
 
 
 def test_an_optimizer_on_the_compiled_backend_trains_like_the_reference():
-    """Several eco.AdamW steps, nearest rounding: backend='compiled' equals backend='reference'."""
+    """Several eco.AdamW steps, stochastic rounding, 8-bit m and factored v (the weights) next to a plain
+    bias with its 1-D state: backend='compiled' equals backend='reference' bit for bit."""
     torch.manual_seed(0)
     w0 = torch.randn(16, 64) * 0.1
-    params = [torch.nn.Parameter(eco.QuantizedTensor.from_float(w0, eco.FP8())) for _ in range(2)]
-    opts = [eco.AdamW([p], lr=1e-2, rounding="nearest", state_dtype=torch.bfloat16, backend=backend)
-            for p, backend in zip(params, ("compiled", "reference"), strict=True)]
+    models = []
+    for _ in range(2):
+        lin = torch.nn.Linear(64, 16)
+        lin.weight.data.copy_(w0)
+        lin.bias.data.zero_()
+        models.append(eco.quantize_(lin, eco.FP8()))
+    opts = [eco.AdamW(m.parameters(), lr=1e-2, momentum="int8", second_moment="factored", seed=3, backend=backend)
+            for m, backend in zip(models, ("compiled", "reference"), strict=True)]
     for _ in range(3):
-        grad = torch.randn(16, 64)
-        for p, opt in zip(params, opts, strict=True):
-            p.grad = grad.clone()
+        grads = [torch.randn(16, 64), torch.randn(16)]
+        for m, opt in zip(models, opts, strict=True):
+            m.weight.grad, m.bias.grad = (g.clone() for g in grads)
             opt.step()
-    assert torch.equal(params[0].codes.view(torch.uint8), params[1].codes.view(torch.uint8))
-    assert torch.equal(opts[0].state[params[0]]["exp_avg"], opts[1].state[params[1]]["exp_avg"])
+    assert_same_training_state(models[1], opts[1], models[0], opts[0])

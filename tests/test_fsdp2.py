@@ -153,7 +153,8 @@ def _check_sharded_step(rank, world_size, fmt, optimizer_cls, options, steps=3):
             for key, value in opt.state[p].items():
                 if isinstance(value, torch.Tensor):
                     assert isinstance(value, DTensor), (name, key)
-                    pairs[key] = (value.to_local(), opt_ref.state[ref][key][start:stop])
+                    whole = opt_ref.state[ref][key]
+                    pairs[key] = (value.to_local(), whole if value.placements[0].is_replicate() else whole[start:stop])
             for what, (a, b) in pairs.items():
                 if not torch.equal(a.view(torch.uint8) if a.dtype.itemsize == 1 else a, b):
                     mismatches.append((step, name, what, int((a != b).sum())))

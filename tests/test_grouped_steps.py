@@ -16,8 +16,9 @@ import torch
 
 import eco
 from eco import kernels, reference
-from eco.kernels import eco_step, launcher
+from eco.kernels import eco_step, launcher, specs
 from tests.helpers import FORMATS, assert_bits_equal, assert_same_training_state, bits
+from tests.test_kernels import assert_states_equal, clone_state, random_moment, to_device
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ADAM = dict(lr=0.1, beta1=0.9, beta2=0.98, eps=1e-8, weight_decay=0.1)  # large steps: INT4 codes move too
@@ -35,37 +36,44 @@ def launches(monkeypatch):
     return names
 
 
-def shapes_for(fmt):
+def shapes_for(fmt, pair=("bf16", "bf16")):
     """Different shapes (a 3-D expert tensor among them) and one that cannot be grouped.
 
     Row/tensor formats: a last dimension of 24 (not a multiple of 16). Block and
     group formats need multiples of 32, so their odd one out is a weight over
-    ``LARGE`` elements.
+    ``LARGE`` elements; with 8-bit or factored states (whose blocks of 128 must
+    not straddle the rows of a weight tiled as one flat row) the grouped ones
+    have rows of 128 and 256 and the odd one rows of 96.
     """
-    grouped = [(2, 32), (2, 2, 32), (1, 64), (3, 32)]
-    odd = (2, 24) if fmt.group_size is None else (2, LARGE // 2 + 32)
+    if pair[0] in ("int8", "fp8") or pair[1] in ("fp8", "factored"):
+        grouped = [(2, 128), (2, 2, 128), (1, 256), (3, 128)]
+        odd = (2, 24) if fmt.group_size is None else (2, 96)
+    else:
+        grouped = [(2, 32), (2, 2, 32), (1, 64), (3, 32)]
+        odd = (2, 24) if fmt.group_size is None else (2, LARGE // 2 + 32)
     return [torch.Size(s) for s in grouped[:2] + [odd] + grouped[2:]]
 
 
-def make_weights(fmt, shapes, optimizer, state_dtype, grad_dtype, master, seed=0):
-    """Per weight: codes, scales, grad, moment(s) and master (or None), each its own allocation."""
+def make_weights(fmt, shapes, optimizer, pair, grad_dtype, master, seed=0):
+    """Per weight: codes, scales, grad, moment(s) (``reference.Moment``s of the ``pair``'s formats, holding random
+    values) and master (or None), each its own allocation."""
     gen = torch.Generator().manual_seed(seed)
     weights = []
     for shape in shapes:
         w = torch.randn(shape, generator=gen)
         codes, scales = fmt.quantize(w)
         state = dict(codes=codes, scales=scales, grad=torch.randn(shape, generator=gen).to(grad_dtype),
-                     exp_avg=(torch.randn(shape, generator=gen) * 0.1).to(state_dtype))
+                     exp_avg=random_moment(pair[0], "m", shape, gen, 0.1))
         if optimizer == "adamw":
-            state["exp_avg_sq"] = (torch.rand(shape, generator=gen) * 1e-3).to(state_dtype)
+            state["exp_avg_sq"] = random_moment(pair[1], "v", shape, gen, 1e-3)
         if master:
             state["master"] = fmt.dequantize(codes, scales, shape) + 1e-3
-        weights.append({k: v.to(DEVICE) for k, v in state.items()})
+        weights.append({k: to_device(v) for k, v in state.items()})
     return weights
 
 
 def clone(weights):
-    return [{k: v.clone() for k, v in w.items()} for w in weights]
+    return [clone_state(w) for w in weights]
 
 
 def step_each(optimizer, fmt, shapes, weights, step, rounding, seeds):
@@ -93,33 +101,43 @@ def step_grouped(optimizer, fmt, shapes, weights, step, rounding, seeds):
 
 def assert_weights_equal(actual, expected):
     for i, (a, b) in enumerate(zip(actual, expected, strict=True)):
-        for key in b:
-            assert_bits_equal(a[key], b[key], f"weight {i} {key}")
+        assert_states_equal({f"weight {i} {k}": v for k, v in a.items()}, {f"weight {i} {k}": v for k, v in b.items()})
 
 
 def passes(fmt) -> int:
     return 2 if fmt.group_size is None else 1
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
-@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
-@pytest.mark.parametrize("name", list(FORMATS))
-def test_grouped_step_equals_one_step_per_weight(name, rounding, optimizer, launches):
-    """Two steps, bf16 moments and gradients: every stored tensor bit-identical to the per-weight path."""
+GROUPED_CASES = ([(name, rounding, optimizer, ("bf16", "bf16") if optimizer == "adamw" else ("bf16", None))
+                  for name in FORMATS for rounding in ("nearest", "stochastic") for optimizer in ("adamw", "sgd")]
+                 + [(name, "stochastic", "adamw", ("int8", "factored")) for name in FORMATS]
+                 + [(name, "stochastic", "sgd", ("int8", None)) for name in ("fp8-row", "int4-group32")])
+
+
+@pytest.mark.parametrize("name, rounding, optimizer, pair", GROUPED_CASES,
+                         ids=[f"{n}-{r}-{o}-{specs.states_tag(p)}" for n, r, o, p in GROUPED_CASES])
+def test_grouped_step_equals_one_step_per_weight(name, rounding, optimizer, pair, launches):
+    """Two steps, bf16 gradients: every stored tensor bit-identical to the per-weight path. The state pairs
+    with multi-tensor kernels group four weights into one launch per pass (and, for a factored v, one
+    statistics and one finalize launch); the others (SGD's int8 m) take one launch per weight."""
     fmt = FORMATS[name]
-    shapes = shapes_for(fmt)
-    weights = make_weights(fmt, shapes, optimizer, torch.bfloat16, torch.bfloat16, master=False)
+    shapes = shapes_for(fmt, pair)
+    weights = make_weights(fmt, shapes, optimizer, pair, torch.bfloat16, master=False)
     each, grouped = clone(weights), clone(weights)
+    multi = pair in specs.MULTI_STATES[optimizer]
+    factored = 2 if pair[1] == "factored" else 0
     for step in (1, 2):
-        seeds = [1000 * step + i for i in range(len(shapes))] if rounding == "stochastic" else [None] * len(shapes)
+        seeds = [1000 * step + i for i in range(len(shapes))]
         step_each(optimizer, fmt, shapes, each, step, rounding, seeds)
         del launches[:]
         step_grouped(optimizer, fmt, shapes, grouped, step, rounding, seeds)
         assert_weights_equal(grouped, each)
         # four weights in one group (one launch per pass), the odd one on its own
-        assert sum(n.startswith("multi/") for n in launches) == passes(fmt), launches
-        assert len(launches) == 2 * passes(fmt), launches
-    assert all(not torch.equal(bits(a["codes"]), bits(b["codes"])) for a, b in zip(each, weights, strict=True))
+        assert sum(n.startswith("multi/") for n in launches) == (passes(fmt) if multi else 0), launches
+        expected = 2 * (passes(fmt) + factored) if multi else len(shapes) * passes(fmt)
+        assert len(launches) == expected, launches
+    assert all(not torch.equal(bits(a["exp_avg"].tensors[0]), bits(b["exp_avg"].tensors[0]))
+               for a, b in zip(each, weights, strict=True))
 
 
 @pytest.mark.parametrize("name", ["fp8-row", "int4-group32"])
@@ -127,7 +145,7 @@ def test_grouped_step_with_master_weights_and_fp32_states(name, launches):
     """The master-weight baseline through the multi kernel (fp32 states and gradients): masters equal too."""
     fmt = FORMATS[name]
     shapes = shapes_for(fmt)
-    weights = make_weights(fmt, shapes, "adamw", torch.float32, torch.float32, master=True, seed=1)
+    weights = make_weights(fmt, shapes, "adamw", ("fp32", "fp32"), torch.float32, master=True, seed=1)
     each, grouped = clone(weights), clone(weights)
     step_each("adamw", fmt, shapes, each, 1, "nearest", [None] * len(shapes))
     del launches[:]
@@ -140,8 +158,9 @@ def test_grouped_step_with_master_weights_and_fp32_states(name, launches):
 @pytest.mark.parametrize("name", list(FORMATS))
 def test_launch_count_many_small_experts(name, monkeypatch):
     """8 small expert matrices of one format: one launch (two for row/tensor scales); a ragged one
-    (last dim not a multiple of 16, or a non-contiguous gradient for block/group formats) and a
-    large one get their own; the multi launch has one program per tile of the eight."""
+    (last dim not a multiple of 16, or codes that are not 16-byte aligned for block/group formats) and a
+    large one get their own; the multi launch has one program per tile of the eight. A non-contiguous
+    gradient is copied and grouped."""
     fmt = FORMATS[name]
     monkeypatch.setattr(launcher, "MULTI_TENSOR_MAX_NUMEL", LARGE)
     recorded = []
@@ -150,10 +169,14 @@ def test_launch_count_many_small_experts(name, monkeypatch):
     odd = torch.Size((4, 24)) if fmt.group_size is None else torch.Size((4, 32))
     large = torch.Size((8, LARGE // 8 + 32))
     shapes = experts + [odd, large]
-    weights = make_weights(fmt, shapes, "adamw", torch.bfloat16, torch.bfloat16, master=False)
+    weights = make_weights(fmt, shapes, "adamw", ("bf16", "bf16"), torch.bfloat16, master=False)
     if fmt.group_size is not None:
-        weights[8]["grad"] = weights[8]["grad"].t().contiguous().t()  # same values, column-major
-        assert not weights[8]["grad"].is_contiguous()
+        codes = weights[8]["codes"]
+        unaligned = torch.empty(codes.numel() + 1, dtype=torch.uint8, device=DEVICE)[1:].view(codes.shape)
+        weights[8]["codes"] = unaligned.copy_(codes.view(torch.uint8)).view(codes.dtype)
+        assert weights[8]["codes"].data_ptr() % 16
+    weights[0]["grad"] = weights[0]["grad"].t().contiguous().t()  # same values, column-major
+    assert not weights[0]["grad"].is_contiguous()
     step_grouped("adamw", fmt, shapes, weights, 1, "nearest", [None] * len(shapes))
     multi = [(spec, grid) for spec, grid in recorded if spec.meta["kernel"] == "step_multi"]
     single = [spec for spec, _ in recorded if spec.meta["kernel"] == "step"]
@@ -168,23 +191,40 @@ def test_launch_count_many_small_experts(name, monkeypatch):
 
 
 def test_launch_table_layout():
-    """Per program ``[tensor, row, tile]``, per tensor the geometry, seed and each stream's element offset."""
+    """Per program ``[tensor, row, tile]``, per tensor the geometry, the stream keys and each pointer's element
+    offset from the first tensor's."""
     fmt = eco.FP8()
     shapes = [torch.Size((2, 32)), torch.Size((3, 2, 16))]
-    weights = make_weights(fmt, shapes, "adamw", torch.bfloat16, torch.float32, master=False)
-    items = [(s, w["codes"].view(torch.uint8), w["scales"], w["grad"], w["exp_avg"], w["exp_avg_sq"],
-              launcher.dummy(torch.float32, w["codes"].device)) for s, w in zip(shapes, weights, strict=True)]
-    table, seed_slots, workspace, n_programs = launcher.step_table(fmt, 2048, items)
+    weights = make_weights(fmt, shapes, "adamw", ("int8", "factored"), torch.float32, master=False)
+    f32 = launcher.dummy(torch.float32, weights[0]["codes"].device)
+    items = [(s, w["codes"].view(torch.uint8), w["scales"], w["grad"], w["exp_avg"].tensors[0],
+              w["exp_avg"].tensors[1], f32, f32, *w["exp_avg_sq"].tensors, f32) for s, w in zip(shapes, weights,
+                                                                                               strict=True)]
+    table, stream_slots, workspace, n_programs = launcher.step_table(fmt, 2048, items, [1, 3])
     assert n_programs == 2 + 6
     programs = table[:3 * n_programs].reshape(-1, 3).tolist()
     assert programs == [[0, 0, 0], [0, 1, 0]] + [[1, r, 0] for r in range(6)]
     entry = table[3 * n_programs + eco_step.MULTI_TENSOR_WORDS.value:].tolist()
     w0, w1 = weights
-    offset = lambda key: (w1[key].data_ptr() - w0[key].data_ptr()) // w0[key].element_size()  # noqa: E731
-    assert entry[:4] == [16, 16, 1, 6] and entry[4] == 0  # n_cols, code_cols, rows_per_scale, scales; seed
-    assert entry[5:7] == [offset("codes"), offset("scales")] and entry[7] == 4  # workspace after tensor 0's 2 x 2
-    assert entry[8:11] == [offset("grad"), offset("exp_avg"), offset("exp_avg_sq")] and entry[11] == 0
-    assert workspace == 2 * (2 + 6) and seed_slots == [3 * n_programs + 4, 3 * n_programs + 16]
+
+    def offset(key, part=0):
+        a, b = (w[key].tensors[part] if isinstance(w[key], reference.Moment) else w[key] for w in (w0, w1))
+        return (b.data_ptr() - a.data_ptr()) // a.element_size()
+
+    word = {name: entry[getattr(eco_step, name).value] for name in dir(eco_step) if name.startswith("STEP_")
+            and not name.startswith(("STEP_PROGRAM", "STEP_STREAM"))}
+    assert [word["STEP_N_COLS"], word["STEP_CODE_COLS"], word["STEP_ROWS_PER_SCALE"], word["STEP_N_SCALE_GROUPS"],
+            word["STEP_MATRIX_ROWS"], word["STEP_ROW_LENGTH"]] == [16, 16, 1, 6, 2, 16]
+    assert [word[f"STEP_{s}_{w}"] for s in "WMV" for w in ("STRIDE", "BASE")] == [0] * 6  # written per step
+    assert word["STEP_CODES"] == offset("codes") and word["STEP_SCALES"] == offset("scales")
+    assert word["STEP_WORKSPACE"] == 4 and word["STEP_GMAX"] == 1  # after tensor 0's 2 x 2 and its one matrix
+    assert [word["STEP_GRAD"], word["STEP_EXP_AVG"], word["STEP_EXP_AVG_SCALE"]] == [
+        offset("grad"), offset("exp_avg"), offset("exp_avg", 1)]
+    assert [word["STEP_EXP_AVG_SQ"], word["STEP_EXP_AVG_SQ_SCALE"], word["STEP_MASTER"]] == [0, 0, 0]  # dummies
+    assert [word["STEP_V_ROW"], word["STEP_V_COL"], word["STEP_V_MEAN"]] == [
+        offset("exp_avg_sq", i) for i in range(3)]
+    assert workspace == 2 * (2 + 6)
+    assert stream_slots[1][0] == 3 * n_programs + eco_step.MULTI_TENSOR_WORDS.value + eco_step.STEP_W_STRIDE.value
 
 
 # ---------------------------------------------------------------- through the optimizer
@@ -205,12 +245,13 @@ class Experts(torch.nn.Module):
         return torch.tanh(out).square().mean()
 
 
-def train(fmt, backend, steps, rounding="nearest", seed=0):
+def train(fmt, backend, steps, rounding="nearest", seed=0, hidden=32, **states_):
     torch.manual_seed(0)
-    model = eco.quantize_(Experts().to(DEVICE), fmt, filter_fn=lambda name, module: not name.startswith("router"))
-    opt = eco.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, rounding=rounding, state_dtype=torch.bfloat16,
-                    backend=backend, seed=seed)
-    data = torch.randn(steps, 4, 32, device=DEVICE)
+    model = eco.quantize_(Experts(hidden=hidden).to(DEVICE), fmt,
+                          filter_fn=lambda name, module: not name.startswith("router"))
+    opt = eco.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, rounding=rounding, backend=backend, seed=seed,
+                    **(states_ or dict(state_dtype=torch.bfloat16)))
+    data = torch.randn(steps, 4, hidden, device=DEVICE)
     for x in data:
         opt.zero_grad()
         model(x).backward()
@@ -231,6 +272,22 @@ def test_optimizer_groups_quantized_experts_and_equals_reference(name, launches)
     # per step: the 8 expert matrices in one launch per pass, the (plain) router weight in one more
     assert len(launches) == 3 * (passes(fmt) + 1), launches
     assert sum(n.startswith("multi/") for n in launches) == 3 * passes(fmt)
+
+
+@pytest.mark.parametrize("name", ["fp8-row", "int4-group32"])
+def test_optimizer_groups_experts_with_8bit_momentum_and_factored_v(name, launches):
+    """``momentum="int8", second_moment="factored"`` (stochastic rounding): bit-identical to the reference; per
+    step the 8 experts share one launch per pass and one statistics and one finalize launch, the (plain)
+    router takes the step kernel's tiles and its own two."""
+    fmt = FORMATS[name]
+    kwargs = dict(rounding="stochastic", hidden=128, momentum="int8", second_moment="factored")
+    ref_model, ref_opt = train(fmt, "reference", 2, **kwargs)
+    del launches[:]
+    ker_model, ker_opt = train(fmt, "triton", 2, **kwargs)
+    assert_same_training_state(ref_model, ref_opt, ker_model, ker_opt)
+    assert len(launches) == 2 * (passes(fmt) + 2 + 3), launches
+    assert sum(n.startswith("multi/") for n in launches) == 2 * passes(fmt)
+    assert sum(n.startswith("factored_stats") for n in launches) == 2 * 2
 
 
 def test_optimizer_draws_one_seed_per_weight_in_parameter_order(launches):

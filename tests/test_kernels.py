@@ -1,10 +1,11 @@
-"""The Triton kernels (``eco.kernels``) against the reference (``eco.reference``), round-to-nearest.
+"""The Triton kernels (``eco.kernels``) against the reference (``eco.reference``), bit for bit.
 
 On CPU these run under Triton's interpreter (tests/conftest.py sets
 TRITON_INTERPRET=1); on a GPU the same tests run the compiled kernels on CUDA
-tensors. Codes, scales, moments and master copies must be bit-identical: the
-kernels evaluate the reference's expressions in the same order, and store
-bf16 states rounded to nearest even like ``Tensor.copy_``.
+tensors. Codes, scales, moments (every state format) and master copies must be
+bit-identical, round-to-nearest and stochastic rounding alike: the kernels
+evaluate the reference's expressions in the same order and draw the same
+counter-based random numbers (``eco.rng``).
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ import pytest
 import torch
 
 import eco
-from eco import kernels, reference
-from eco.formats import ZERO_GROUP_ABSMAX, format_from_config
-from eco.kernels import eco_step, launcher, specs, traffic
-from tests.helpers import assert_bits_equal, assert_same_training_state, bits
+from eco import kernels, reference, rng, states
+from eco.formats import ZERO_GROUP_ABSMAX, format_from_config, format_tag
+from eco.kernels import eco_step, launcher, moments, specs, traffic
+from eco.reference import Moment
+from tests.helpers import assert_bits_equal, assert_same_training_state, bits, traffic_table
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ADAM = dict(lr=0.02, beta1=0.9, beta2=0.98, eps=1e-8, weight_decay=0.1)
@@ -45,19 +47,53 @@ CASES = [(fmt, shape) for fmt in FORMATS for shape in shapes_for(fmt)]
 CASE_IDS = [case_id(f, s) for f, s in CASES]
 
 
-def make_state(fmt, shape, optimizer, state_dtype, grad_dtype, seed=0):
-    """A quantized weight plus gradient and moments (non-trivial: moments and codes already moved)."""
+def to_device(x):
+    if isinstance(x, Moment):
+        return Moment(x.fmt, tuple(t.to(DEVICE) for t in x.tensors))
+    return x.to(DEVICE)
+
+
+def random_moment(name: str, role: str, shape, gen, scale: float) -> Moment:
+    """A state of format ``name`` holding random values (stored by the format itself: a realistic state)."""
+    fmt = states.momentum_format(name) if role == "m" else states.second_moment_format(name)
+    fmt = states.for_shape(fmt, shape)
+    tensors = fmt.allocate(shape, "cpu")
+    if isinstance(fmt, states.Factored):
+        row, col, mean = tensors
+        row.copy_(torch.rand(row.shape, generator=gen) * scale)
+        col.copy_(torch.rand(col.shape, generator=gen) * scale)
+        mean.copy_(col.mean(dim=-1) * 0.9)
+        if mean.numel() > 1:
+            mean.view(-1)[0] = 0.0  # a matrix whose mean is 0 reads v = 0
+    else:
+        x = torch.randn(shape, generator=gen) * scale
+        x = x.abs() if role == "v" else x
+        lay = reference.layout(shape)
+        fmt.store_(tuple(t.view(lay.rows, -1) for t in tensors), x.view(lay.rows, -1), rng.key(99))
+    return Moment(fmt, tensors)
+
+
+def make_state(fmt, shape, optimizer, state_dtype, grad_dtype, seed=0, states_=None):
+    """A quantized weight plus gradient and moments (non-trivial: moments and codes already moved).
+
+    ``states_``: (m, v) state-format names; default both ``state_dtype`` as plain tensors.
+    """
     gen = torch.Generator().manual_seed(seed)
     zeros = shape == "zeros"
     shape = (7, 130) if zeros and fmt.group_size is None else ((3, 128) if zeros else shape)
     w = torch.zeros(shape) if zeros else torch.randn(shape, generator=gen)
     codes, scales = fmt.quantize(w)
     grad = torch.zeros(shape) if zeros else torch.randn(shape, generator=gen) * 0.1
-    m = torch.randn(shape, generator=gen) * 0.01
-    state = dict(codes=codes, scales=scales, grad=grad.to(grad_dtype), exp_avg=m.to(state_dtype))
-    if optimizer == "adamw":
-        state["exp_avg_sq"] = (torch.rand(shape, generator=gen) * 1e-3).to(state_dtype)
-    return torch.Size(shape), {k: v.to(DEVICE) for k, v in state.items()}
+    state = dict(codes=codes, scales=scales, grad=grad.to(grad_dtype))
+    if states_ is None:
+        state["exp_avg"] = (torch.randn(shape, generator=gen) * 0.01).to(state_dtype)
+        if optimizer == "adamw":
+            state["exp_avg_sq"] = (torch.rand(shape, generator=gen) * 1e-3).to(state_dtype)
+    else:
+        state["exp_avg"] = random_moment(states_[0], "m", shape, gen, 0.01)
+        if optimizer == "adamw":
+            state["exp_avg_sq"] = random_moment(states_[1], "v", shape, gen, 1e-3)
+    return torch.Size(shape), {k: to_device(v) for k, v in state.items()}
 
 
 def run_step(backend, optimizer, fmt, shape, state, step, rounding="nearest", seed=None, master=None):
@@ -72,15 +108,20 @@ def run_step(backend, optimizer, fmt, shape, state, step, rounding="nearest", se
 
 
 def clone_state(state):
-    return {k: v.clone() for k, v in state.items()}
+    return {k: (Moment(v.fmt, tuple(t.clone() for t in v.tensors)) if isinstance(v, Moment) else v.clone())
+            for k, v in state.items()}
 
 
 def assert_states_equal(actual, expected):
-    for key in expected:
-        assert_bits_equal(actual[key], expected[key], key)
+    for key, value in expected.items():
+        if isinstance(value, Moment):
+            for i, (a, b) in enumerate(zip(actual[key].tensors, value.tensors, strict=True)):
+                assert_bits_equal(a, b, f"{key}[{i}] ({value.fmt.name})")
+        else:
+            assert_bits_equal(actual[key], value, key)
 
 
-# ---------------------------------------------------------------- the step
+# ---------------------------------------------------------------- the step, round to nearest, fp32 states
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
 @pytest.mark.parametrize("fmt, shape", CASES, ids=CASE_IDS)
 def test_step_matches_reference_bit_for_bit(fmt, shape, optimizer):
@@ -94,47 +135,85 @@ def test_step_matches_reference_bit_for_bit(fmt, shape, optimizer):
     assert not torch.equal(bits(ref["exp_avg"]), bits(state["exp_avg"]))  # the steps did something
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
-@pytest.mark.parametrize("fmt", FORMATS, ids=str)
-def test_step_bf16_states_and_fp32_grad(fmt, optimizer):
-    """bf16 moments are stored rounded to nearest even exactly like the reference's copy_."""
-    shape = (2, 3, 128)
-    for state_dtype, grad_dtype in ((torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
-                                    (torch.float32, torch.float32)):
-        shape_, state = make_state(fmt, shape, optimizer, state_dtype, grad_dtype, seed=1)
-        ref, ker = clone_state(state), clone_state(state)
-        for step in (1, 2):
-            run_step(reference, optimizer, fmt, shape_, ref, step)
-            run_step(kernels, optimizer, fmt, shape_, ker, step)
+# ---------------------------------------------------------------- every state format, both roundings
+#: a shape per format: ragged state blocks (a last dimension not a multiple of 128), 3-D expert tensors,
+#: an odd INT4 row
+STATE_SHAPES = {"fp8-row": (3, 200), "int4-tensor": (2, 3, 165), "fp8-block32": (3, 160),
+                "int4-group32": (2, 2, 96), "fp8-block64": (2, 192), "int4-group64": (3, 320),
+                "fp8-block128": (2, 3, 128), "int4-group128": (3, 256)}
+
+
+def _state_cases():
+    """Every (optimizer, state pair with a kernel, weight format); rounding and gradient dtype rotate so that
+    each pair meets both roundings and both gradient dtypes, and each format all four of their combinations."""
+    cases = []
+    for optimizer, pairs in specs.STEP_STATES.items():
+        for j, pair in enumerate(pairs):
+            for i, fmt in enumerate(FORMATS):
+                k = i + j + (optimizer == "sgd")
+                rounding = ("stochastic", "nearest")[k % 2]
+                grad = (torch.bfloat16, torch.float32)[(k // 2) % 2]
+                tag = f"{optimizer}-{format_tag(fmt)}-{specs.states_tag(pair)}-{rounding}-{str(grad)[6:]}"
+                cases.append(pytest.param(optimizer, fmt, pair, rounding, grad, id=tag))
+    return cases
+
+
+@pytest.mark.parametrize("optimizer, fmt, pair, rounding, grad_dtype", _state_cases())
+def test_every_state_format_matches_reference(optimizer, fmt, pair, rounding, grad_dtype):
+    """Two steps from random states of every format with a kernel: codes, scales and every state tensor
+    bit-identical, stochastic rounding included (the same random stream, element by element)."""
+    shape, state = make_state(fmt, STATE_SHAPES[format_tag(fmt)], optimizer, None, grad_dtype, seed=1,
+                              states_=pair)
+    ref, ker = clone_state(state), clone_state(state)
+    for step in (1, 2):
+        run_step(reference, optimizer, fmt, shape, ref, step, rounding, seed=1000 + step)
+        run_step(kernels, optimizer, fmt, shape, ker, step, rounding, seed=1000 + step)
         assert_states_equal(ker, ref)
+    assert not torch.equal(bits(ker["exp_avg"].tensors[0]), bits(state["exp_avg"].tensors[0]))
 
 
+@pytest.mark.parametrize("pair", [("fp32", "fp32"), ("bf16", "bf16")], ids=specs.states_tag)
 @pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
 @pytest.mark.parametrize("fmt", [eco.FP8(), eco.INT4(group_size=32)], ids=str)
-def test_step_with_master_weights(fmt, optimizer):
+def test_step_with_master_weights(fmt, optimizer, pair):
     """The master-weight baseline: the master copy becomes w~, codes are q(w~), nothing is injected."""
-    shape, state = make_state(fmt, (3, 4, 128), optimizer, torch.float32, torch.bfloat16, seed=2)
+    pair = pair if optimizer == "adamw" else (pair[0], None)
+    shape, state = make_state(fmt, (3, 4, 128), optimizer, None, torch.bfloat16, seed=2, states_=pair)
     master = fmt.dequantize(state["codes"], state["scales"], shape) + 1e-3
     ref, ker = clone_state(state), clone_state(state)
     ref_master, ker_master = master.clone(), master.clone()
-    run_step(reference, optimizer, fmt, shape, ref, 1, master=ref_master)
-    run_step(kernels, optimizer, fmt, shape, ker, 1, master=ker_master)
+    run_step(reference, optimizer, fmt, shape, ref, 1, "stochastic", seed=5, master=ref_master)
+    run_step(kernels, optimizer, fmt, shape, ker, 1, "stochastic", seed=5, master=ker_master)
     assert_states_equal(ker, ref)
     assert_bits_equal(ker_master, ref_master, "master")
 
 
-@pytest.mark.parametrize("fmt", [eco.FP8(), eco.INT4(), eco.FP8(block_size=32)], ids=str)
-def test_nonfinite_gradient_never_writes_nan_codes(fmt):
-    """Called directly with NaN/inf gradients (the optimizer would have skipped), codes stay non-NaN."""
-    shape, state = make_state(fmt, (3, 4, 128), "adamw", torch.float32, torch.float32, seed=3)
-    state["grad"][0, 0, :5] = float("nan")
-    state["grad"][1, 2, 7] = float("inf")
-    state["grad"][2, 3, 9] = -float("inf")
-    run_step(kernels, "adamw", fmt, shape, state, 1)
-    values = fmt.decode(state["codes"], shape)
-    assert not torch.isnan(values).any()
-    # where the gradient was finite and the scale too, the update went through normally
-    assert torch.isfinite(state["scales"][2 if fmt.group_size is None and fmt.name == "fp8" else 0]).all()
+def test_seed_none_draws_from_torch_like_the_reference():
+    """``seed=None`` with stochastic rounding: one seed from torch's global generator, the reference's."""
+    fmt = eco.INT4(group_size=32)
+    shape, state = make_state(fmt, (2, 128), "adamw", None, torch.float32, states_=("bf16", "bf16"))
+    ref, ker = clone_state(state), clone_state(state)
+    torch.manual_seed(3)
+    run_step(reference, "adamw", fmt, shape, ref, 1, "stochastic", seed=None)
+    torch.manual_seed(3)
+    run_step(kernels, "adamw", fmt, shape, ker, 1, "stochastic", seed=None)
+    assert_states_equal(ker, ref)
+
+
+def test_states_without_a_kernel_run_on_the_reference(monkeypatch):
+    """An fp8 m and 8-bit states with a master copy have no specialization: the reference steps them, with the
+    same seed; nothing is launched."""
+    launched = []
+    monkeypatch.setattr(launcher, "launch", lambda spec, grid, **a: launched.append(spec.name))
+    fmt = eco.FP8(group_size=32)
+    shape, state = make_state(fmt, (2, 128), "adamw", None, torch.bfloat16, states_=("fp8", "factored"))
+    assert specs.find_spec("step", optimizer="adamw", format=fmt.config(), rounding="stochastic",
+                           states=("fp8", "factored"), grad_dtype=torch.bfloat16) is None
+    ref, ker = clone_state(state), clone_state(state)
+    run_step(reference, "adamw", fmt, shape, ref, 1, "stochastic", seed=7)
+    run_step(kernels, "adamw", fmt, shape, ker, 1, "stochastic", seed=7)
+    assert launched == []
+    assert_states_equal(ker, ref)
 
 
 def test_lr_zero_updates_moments_only():
@@ -173,47 +252,83 @@ def test_quantize_and_dequantize_match_the_format(fmt, shape):
         assert_bits_equal(out, fmt.dequantize(ref_codes, ref_scales, shape, dtype), "dequantized")
 
 
+@pytest.mark.parametrize("fmt", [eco.FP8(), eco.INT4(), eco.FP8(group_size=64), eco.INT4(group_size=32)], ids=str)
+def test_stochastic_quantize_matches_the_reference(fmt):
+    """``quantize(..., "stochastic", seed)``: the weight stream of ``seed``, as ``reference.quantize`` draws it."""
+    x = torch.randn(3, 192, device=DEVICE)
+    codes, scales = kernels.quantize(x, fmt, "stochastic", seed=2**40 + 17)
+    ref_codes, ref_scales = reference.quantize(x, fmt, "stochastic", seed=2**40 + 17)
+    assert_bits_equal(codes, ref_codes, "codes")
+    assert_bits_equal(scales, ref_scales, "scales")
+    nearest, _ = fmt.quantize(x)
+    assert not torch.equal(bits(codes), bits(nearest))
+
+
 # ---------------------------------------------------------------- plain parameters
 PLAIN_SIZES = [(1,), (3,), (1025,), (7, 130), (2, 3, 4), (16,), (4, 32), (3, 16)]  # grouped: numel % 16 == 0
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
-@pytest.mark.parametrize("param_dtype, state_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
-                                                      (torch.float32, torch.bfloat16)])
-def test_plain_steps_match_reference_single_and_grouped(optimizer, param_dtype, state_dtype, monkeypatch):
-    """Small tensors go through one multi-tensor launch, a large one through its own; all bit-identical."""
-    monkeypatch.setattr(launcher, "MULTI_TENSOR_MAX_NUMEL", 2048)  # a "large" tensor the interpreter runs quickly
-    gen = torch.Generator().manual_seed(5)
-    sizes = PLAIN_SIZES + [(launcher.MULTI_TENSOR_MAX_NUMEL + 3,)]
+def plain_tensors(sizes, param_dtype, pair, optimizer, gen):
+    ps = [torch.randn(s, generator=gen).to(param_dtype) for s in sizes]
+    gs = [torch.randn(s, generator=gen).to(param_dtype) for s in sizes]
+    ms = [random_moment(pair[0], "m", s, gen, 0.1) for s in sizes]
+    vs = [random_moment(pair[1], "v", s, gen, 0.01) for s in sizes] if optimizer == "adamw" else None
+    return [[to_device(t) for t in ts] if ts is not None else None for ts in (ps, gs, ms, vs)]
 
-    def make():
-        ps = [torch.randn(s, generator=gen).to(param_dtype) for s in sizes]
-        gs = [torch.randn(s, generator=gen).to(param_dtype) for s in sizes]
-        ms = [(torch.randn(s, generator=gen) * 0.1).to(state_dtype) for s in sizes]
-        vs = [(torch.rand(s, generator=gen) * 0.01).to(state_dtype) for s in sizes]
-        return [[t.to(DEVICE) for t in ts] for ts in (ps, gs, ms, vs)]
 
-    tensors = make()
-    ref = [[t.clone() for t in ts] for ts in tensors]
-    grouped = [[t.clone() for t in ts] for ts in tensors]
-    single = [[t.clone() for t in ts] for ts in tensors]
-    for step in (1, 2):
-        if optimizer == "adamw":
-            sc = reference.adamw_scalars(step=step, **ADAM)
-            reference.plain_adamw_steps_(*ref, scalars=sc)
-            kernels.plain_adamw_steps_(*grouped, scalars=sc)
-            for p, g, m, v in zip(*single, strict=True):
-                kernels.plain_adamw_step_(p, g, m, v, scalars=sc)
+def clone_all(lists):
+    return [[clone_state({"x": t})["x"] for t in ts] if ts is not None else None for ts in lists]
+
+
+def step_plain(backend, optimizer, tensors, step, seeds, single=False):
+    ps, gs, ms, vs = tensors
+    if optimizer == "adamw":
+        sc = reference.adamw_scalars(step=step, **ADAM)
+        if single:
+            for p, g, m, v, seed in zip(ps, gs, ms, vs, seeds, strict=True):
+                backend.plain_adamw_step_(p, g, m, v, scalars=sc, seed=seed)
         else:
-            sc = reference.sgd_scalars(**SGD)
-            reference.plain_sgd_steps_(*ref[:3], scalars=sc)
-            kernels.plain_sgd_steps_(*grouped[:3], scalars=sc)
-            for p, g, m in zip(*single[:3], strict=True):
-                kernels.plain_sgd_step_(p, g, m, scalars=sc)
-    for ts_ref, ts_grouped, ts_single in zip(ref, grouped, single, strict=True):
-        for a, b, c in zip(ts_ref, ts_grouped, ts_single, strict=True):
-            assert_bits_equal(b, a, "grouped")
-            assert_bits_equal(c, a, "single")
+            backend.plain_adamw_steps_(ps, gs, ms, vs, scalars=sc, seeds=seeds)
+    else:
+        sc = reference.sgd_scalars(**SGD)
+        if single:
+            for p, g, m, seed in zip(ps, gs, ms, seeds, strict=True):
+                backend.plain_sgd_step_(p, g, m, scalars=sc, seed=seed)
+        else:
+            backend.plain_sgd_steps_(ps, gs, ms, scalars=sc, seeds=seeds)
+
+
+def assert_plain_equal(actual, expected, what):
+    for ts_a, ts_e in zip(actual, expected, strict=True):
+        for a, e in zip(ts_a or (), ts_e or (), strict=True):
+            assert_states_equal({"x": a}, {"x": e}) if isinstance(e, Moment) else assert_bits_equal(a, e, what)
+
+
+PLAIN_CASES = [("adamw", torch.float32, ("fp32", "fp32")), ("adamw", torch.bfloat16, ("bf16", "bf16")),
+               ("adamw", torch.float32, ("bf16", "bf16")), ("sgd", torch.float32, ("fp32", None)),
+               ("sgd", torch.bfloat16, ("bf16", None)), ("adamw", torch.bfloat16, ("int8", "factored")),
+               ("adamw", torch.float32, ("int8", "fp8")), ("sgd", torch.float32, ("int8", None))]
+
+
+@pytest.mark.parametrize("optimizer, param_dtype, pair", PLAIN_CASES,
+                         ids=[f"{o}-{str(d)[6:]}-{specs.states_tag(p)}" for o, d, p in PLAIN_CASES])
+def test_plain_steps_match_reference_single_and_grouped(optimizer, param_dtype, pair, monkeypatch):
+    """Small tensors go through one multi-tensor launch, a large one through its own; all bit-identical.
+
+    fp32/bf16 states run the flat plain kernels; 8-bit and factored states the step kernel's tiles (1-D
+    tensors under a factored configuration keep a full fp32 v); stochastic rounding of the states from
+    each tensor's seed."""
+    monkeypatch.setattr(launcher, "MULTI_TENSOR_MAX_NUMEL", 2048)  # a "large" tensor the interpreter runs quickly
+    sizes = PLAIN_SIZES + [(launcher.MULTI_TENSOR_MAX_NUMEL + 3,), (2, 256), (3, 128)]
+    tensors = plain_tensors(sizes, param_dtype, pair, optimizer, torch.Generator().manual_seed(5))
+    ref, grouped, single = clone_all(tensors), clone_all(tensors), clone_all(tensors)
+    for step in (1, 2):
+        seeds = [100 * step + i for i in range(len(sizes))]
+        step_plain(reference, optimizer, ref, step, seeds)
+        step_plain(kernels, optimizer, grouped, step, seeds)
+        step_plain(kernels, optimizer, single, step, seeds, single=True)
+    assert_plain_equal(grouped, ref, "grouped")
+    assert_plain_equal(single, ref, "single")
 
 
 def test_grouped_plain_launch_count(monkeypatch):
@@ -230,6 +345,21 @@ def test_grouped_plain_launch_count(monkeypatch):
     assert sorted(launched) == ["plain/adamw/param-fp32/state-fp32"] * 2 + ["plain_multi/adamw/param-fp32/state-fp32"]
 
 
+def test_plain_gradient_of_another_dtype_runs_on_the_reference(monkeypatch):
+    """The reference reads a gradient in its own dtype; the flat kernels would read it as the parameter's."""
+    launched = []
+    monkeypatch.setattr(launcher, "launch", lambda spec, grid, **a: launched.append(spec.name))
+    p = torch.randn(64, dtype=torch.bfloat16, device=DEVICE)
+    g = torch.randn(64, device=DEVICE)
+    m, v = torch.zeros(64, device=DEVICE), torch.zeros(64, device=DEVICE)
+    ref_p, ref_m, ref_v = p.clone(), m.clone(), v.clone()
+    sc = reference.adamw_scalars(step=1, **ADAM)
+    kernels.plain_adamw_step_(p, g, m, v, scalars=sc)
+    reference.plain_adamw_step_(ref_p, g, ref_m, ref_v, scalars=sc)
+    assert launched == []
+    assert_bits_equal(p, ref_p, "param")
+
+
 # ---------------------------------------------------------------- through the optimizer
 class TinyModel(torch.nn.Module):
     def __init__(self):
@@ -244,10 +374,10 @@ class TinyModel(torch.nn.Module):
         return self.down(h) + torch.einsum("bd,ekd->bk", h, self.experts)
 
 
-def train(optimizer_cls, fmt, backend, steps, state_dtype, **kwargs):
+def train(optimizer_cls, fmt, backend, steps, rounding="nearest", **kwargs):
     torch.manual_seed(0)
     model = eco.quantize_(TinyModel().to(DEVICE), fmt)
-    opt = optimizer_cls(model.parameters(), rounding="nearest", state_dtype=state_dtype, backend=backend, **kwargs)
+    opt = optimizer_cls(model.parameters(), rounding=rounding, backend=backend, seed=3, **kwargs)
     data = torch.randn(steps, 8, 64, device=DEVICE)
     for x in data:
         opt.zero_grad()
@@ -256,18 +386,28 @@ def train(optimizer_cls, fmt, backend, steps, state_dtype, **kwargs):
     return model, opt
 
 
-@pytest.mark.parametrize("fmt", [eco.FP8(), eco.INT4(group_size=32)], ids=str)
-@pytest.mark.parametrize("optimizer_cls, kwargs", [(eco.AdamW, dict(lr=1e-2, weight_decay=0.1)),
-                                                   (eco.SGD, dict(lr=0.05, momentum=0.9))], ids=["adamw", "sgd"])
-def test_optimizer_steps_kernel_path_equals_reference_path(fmt, optimizer_cls, kwargs):
-    """Three steps of eco.AdamW/eco.SGD, backend='triton' vs 'reference': the same model and state, bit for bit."""
-    ref_model, ref_opt = train(optimizer_cls, fmt, "reference", 3, torch.bfloat16, **kwargs)
-    ker_model, ker_opt = train(optimizer_cls, fmt, "triton", 3, torch.bfloat16, **kwargs)
+OPTIMIZER_CASES = {  # each state pair once, the two weight formats alternating
+    "adamw-bf16-int4-group32": (eco.AdamW, eco.INT4(group_size=32), dict(lr=1e-2, weight_decay=0.1,
+                                                                          state_dtype=torch.bfloat16)),
+    "adamw-int8-factored-fp8-row": (eco.AdamW, eco.FP8(), dict(lr=1e-2, weight_decay=0.1, momentum="int8",
+                                                               second_moment="factored")),
+    "sgd-bf16-fp8-row": (eco.SGD, eco.FP8(), dict(lr=0.05, momentum=0.9, state_dtype=torch.bfloat16)),
+    "sgd-int8-int4-group32": (eco.SGD, eco.INT4(group_size=32), dict(lr=0.05, momentum=0.9, momentum_state="int8")),
+}
+
+
+@pytest.mark.parametrize("case", list(OPTIMIZER_CASES))
+def test_optimizer_steps_kernel_path_equals_reference_path(case):
+    """Three stochastic steps of eco.AdamW/eco.SGD, backend='triton' vs 'reference': the same model and state,
+    bit for bit (quantized weights, a 3-D expert tensor, 1-D biases and norms)."""
+    optimizer_cls, fmt, kwargs = OPTIMIZER_CASES[case]
+    ref_model, ref_opt = train(optimizer_cls, fmt, "reference", 3, "stochastic", **kwargs)
+    ker_model, ker_opt = train(optimizer_cls, fmt, "triton", 3, "stochastic", **kwargs)
     assert_same_training_state(ref_model, ref_opt, ker_model, ker_opt)
 
 
 def test_optimizer_kernel_path_skips_nonfinite_step():
-    model, opt = train(eco.AdamW, eco.FP8(), "triton", 1, torch.float32)
+    model, opt = train(eco.AdamW, eco.FP8(), "triton", 1)
     before = model.up.weight.codes.clone()
     for p in model.parameters():
         p.grad = torch.full_like(p.grad if p.grad is not None else torch.zeros(p.shape), float("nan"))
@@ -291,6 +431,111 @@ def test_auto_backend_keeps_cpu_tensors_on_the_reference():
             select("triton", cpu_param)
 
 
+# ---------------------------------------------------------------- overflow (issue 14, items 1 and 2)
+def overflow_pair(pair):
+    return dict(state_dtype=torch.float32) if pair == "fp32" else dict(momentum="int8", second_moment="factored")
+
+
+def finite_state(model, opt):
+    w = model.weight
+    tensors = [w.dequantize()] + [t for t in opt.state[w].values()
+                                  if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    return all(torch.isfinite(t.float()).all() for t in tensors)
+
+
+@pytest.mark.parametrize("fmt", [eco.INT4(), eco.FP8()], ids=str)
+@pytest.mark.parametrize("pair", ["fp32", "int8-factored"])
+def test_huge_gradient_through_the_kernels(fmt, pair):
+    """|g| = 1e20 (whose square overflows fp32) is refused before anything is written; |g| = 0.99 * 2**63 (the
+    largest class the optimizer accepts) steps, saturating where it must: the kernels' bits are the reference's
+    and everything stays finite; training goes on (the issue's tensor-wise INT4 matrix was wiped to 0)."""
+    runs = {}
+    for backend in ("reference", "triton"):
+        torch.manual_seed(0)
+        model = eco.quantize_(torch.nn.Linear(256, 8, bias=False).to(DEVICE), fmt)
+        opt = eco.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0, backend=backend, seed=0,
+                        **overflow_pair(pair))
+        gen = torch.Generator().manual_seed(1)
+        for step in range(4):
+            g = torch.randn(8, 256, generator=gen) * 1e-2
+            if step == 1:
+                g[0, 0] = 1e20
+            if step == 2:
+                g[0, 0], g[3, 7] = 0.99 * 2.0**63, -0.99 * 2.0**63
+            model.weight.grad = g.to(DEVICE)
+            if step == 1:
+                before = model.weight.codes.clone()
+                with pytest.warns(RuntimeWarning, match="2\\*\\*63"):
+                    opt.step()
+                assert torch.equal(model.weight.codes, before)
+            else:
+                opt.step()
+            assert finite_state(model, opt)
+        assert opt.skipped_steps == 1
+        assert (model.weight.dequantize() != 0).any()
+        runs[backend] = (model, opt)
+    assert_same_training_state(*runs["reference"], *runs["triton"])
+
+
+@pytest.mark.parametrize("optimizer_cls, kwargs", [
+    (eco.AdamW, dict(weight_decay=0.0, state_dtype=torch.float32)),
+    (eco.AdamW, dict(weight_decay=0.0, momentum="int8", second_moment="factored")),
+    (eco.SGD, dict(momentum=0.9, state_dtype=torch.bfloat16)),
+], ids=["adamw-fp32", "adamw-int8-factored", "sgd-bf16"])
+def test_tiny_learning_rate_through_the_kernels(optimizer_cls, kwargs):
+    """lr = 1e-41 (the injection coefficient overflows fp32) is refused; lr = 3e-20 runs with an injection
+    coefficient near 2**62 whose products saturate the momentum: the kernels' bits are the reference's, finite."""
+    runs = {}
+    for backend in ("reference", "triton"):
+        torch.manual_seed(0)
+        model = eco.quantize_(torch.nn.Linear(256, 8, bias=False).to(DEVICE), eco.INT4(group_size=32))
+        opt = optimizer_cls(model.parameters(), lr=1e-41, backend=backend, seed=0, **kwargs)
+        gen = torch.Generator().manual_seed(2)
+        model.weight.grad = (torch.randn(8, 256, generator=gen) * 1e-2).to(DEVICE)
+        with pytest.warns(RuntimeWarning, match="learning rate too small"):
+            opt.step()
+        for group in opt.param_groups:
+            group["lr"] = 3e-20
+        for _ in range(3):
+            model.weight.grad = (torch.randn(8, 256, generator=gen) * 1e-2).to(DEVICE)
+            opt.step()
+            assert finite_state(model, opt)
+        runs[backend] = (model, opt)
+    assert opt.skipped_steps == 1
+    assert_same_training_state(*runs["reference"], *runs["triton"])
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the interpreter's numpy: v * inv_bc2
+@pytest.mark.parametrize("pair", [("fp32", "fp32"), ("int8", "factored")], ids=specs.states_tag)
+def test_extreme_inputs_saturate_like_the_reference(pair):
+    """Weights, moments and gradients at the edge of what a step accepts (|w|, |m|, v near 2**126, |g| near
+    2**63): v*inv_bc2 overflows to inf and is clamped, and every stored value is the reference's, finite."""
+    fmt = eco.FP8(group_size=32)
+    shape = (2, 128)
+    gen = torch.Generator().manual_seed(8)
+    sign = torch.where(torch.rand(shape, generator=gen) < 0.5, -1.0, 1.0)
+    codes, scales = fmt.quantize(sign * 8e37 * torch.rand(shape, generator=gen))
+    m = states.momentum_format(pair[0])
+    m_tensors = m.allocate(shape, "cpu")
+    m.store_(m_tensors, sign * 8e37, rng.key(1))
+    v = states.second_moment_format(pair[1])
+    v_tensors = v.allocate(shape, "cpu")
+    if pair[1] == "factored":
+        for t in v_tensors:
+            t.fill_(8e37)
+    else:
+        v.store_(v_tensors, torch.full(shape, 8e37), rng.key(2))
+    state = {k: to_device(x) for k, x in dict(codes=codes, scales=scales, grad=sign * 0.99 * 2.0**63,
+                                               exp_avg=Moment(m, m_tensors), exp_avg_sq=Moment(v, v_tensors)).items()}
+    ref, ker = clone_state(state), clone_state(state)
+    for step in (1, 2):
+        run_step(reference, "adamw", fmt, torch.Size(shape), ref, step, "stochastic", seed=step)
+        run_step(kernels, "adamw", fmt, torch.Size(shape), ker, step, "stochastic", seed=step)
+        assert_states_equal(ker, ref)
+    values = [fmt.dequantize(ker["codes"], ker["scales"], shape)] + list(ker["exp_avg"].tensors)
+    assert all(torch.isfinite(t.float()).all() for t in values + list(ker["exp_avg_sq"].tensors))
+
+
 # ---------------------------------------------------------------- the specialization list
 def test_every_spec_matches_its_kernel_signature():
     import inspect
@@ -304,32 +549,37 @@ def test_every_spec_matches_its_kernel_signature():
         assert all(spec.signature[n].startswith("*") for n in spec.aligned)
 
 
-def test_dispatch_finds_a_spec_for_everything_the_optimizer_runs():
+def test_dispatch_finds_a_spec_for_every_listed_state_pair():
     for config in specs.format_configs():
-        for optimizer in ("adamw", "sgd"):
-            for rounding in specs.ROUNDINGS:
-                for state in specs.STATE_DTYPES:
+        for optimizer, pairs in specs.STEP_STATES.items():
+            for pair in pairs:
+                for rounding in specs.ROUNDINGS:
                     for grad in specs.GRAD_DTYPES:
-                        for master in (False, True):
-                            passes = (0, 1) if config["group_size"] is None else (1,)
-                            for p in passes:
-                                assert specs.find_spec("step", optimizer=optimizer, format=config, rounding=rounding,
-                                                       state_dtype=state, grad_dtype=grad, master=master, pass_=p)
+                        for master in ((False, True) if pair in specs.MASTER_STATES else (False,)):
+                            for p in ((0, 1) if config["group_size"] is None else (1,)):
+                                for kernel in ("step",) + (("step_multi",) if pair in specs.MULTI_STATES[optimizer]
+                                                           else ()):
+                                    assert specs.find_spec(kernel, optimizer=optimizer, format=config,
+                                                           rounding=rounding, states=pair, grad_dtype=grad,
+                                                           master=master, pass_=p), (kernel, config, pair)
     assert len({s.name for s in specs.SPECS}) == len(specs.SPECS)
 
 
 def test_kernel_constants_agree_with_the_formats():
-    assert eco_step.ZERO_GROUP_ABSMAX == ZERO_GROUP_ABSMAX
-    assert eco.FP8.rho == 448.0 and eco.INT4.rho == 7.0  # RHO in eco_step_kernel
+    assert moments.ZERO_GROUP_ABSMAX == ZERO_GROUP_ABSMAX
+    assert eco.FP8.rho == 448.0 and eco.INT4.rho == 7.0 and eco_step.INT4_RHO == 7.0
+    assert moments.STATE_BLOCK == states.STATE_BLOCK and moments.INT8_RHO == states.INT8_MAX
+    assert moments.SATURATION == reference.SATURATION
+    assert set(specs.STATE_FORMATS) == set(states.MOMENTUM_FORMATS) | set(states.SECOND_MOMENT_FORMATS)
 
 
 def test_reference_sqrt_is_correctly_rounded():
     """The reference's fp32 sqrt equals the correctly rounded one (fp64 sqrt rounded once); torch's CPU one is not."""
     x = torch.rand(1 << 14) * 10
     exact = torch.sqrt(x.double()).float()
-    assert torch.equal(reference._sqrt_rn(x), exact)
+    assert torch.equal(reference.sqrt_rn(x), exact)
     assert torch.equal(torch.from_numpy(np.sqrt(x.numpy())), exact)
-    assert math.isclose(reference._sqrt_rn(torch.tensor([4.0])).item(), 2.0)
+    assert math.isclose(reference.sqrt_rn(torch.tensor([4.0])).item(), 2.0)
 
 
 def test_reference_scales_use_ieee_division():
@@ -346,24 +596,16 @@ def test_reference_scales_use_ieee_division():
 def test_bytes_table_in_the_docstring_matches_step_bytes():
     """``eco.kernels.traffic``'s bytes-per-parameter table is what ``step_bytes`` computes (large weight, bf16 grad)."""
     shape = (4096, 4096)
-    rows = {
-        ("adamw", torch.bfloat16): {"FP8": (12, 19), "INT4": (11, 17.5)},
-        ("adamw", torch.float32): {"FP8": (20, 31), "INT4": (19, 29.5)},
-        ("sgd", torch.bfloat16): {"FP8": (8, 13), "INT4": (7, 11.5)},
-        ("sgd", torch.float32): {"FP8": (12, 19), "INT4": (11, 17.5)},
-    }
-    for (optimizer, state), by_format in rows.items():
-        for name, (grouped, rowwise) in by_format.items():
-            line = [ln for ln in traffic.__doc__.splitlines()
-                    if ln.startswith(f"{'AdamW' if optimizer == 'adamw' else 'SGD'}, "
-                                     f"{'bf16' if state == torch.bfloat16 else 'fp32'} m") and f" {name} " in ln]
-            assert len(line) == 1 and f" {grouped:g} " in line[0] and f" {rowwise:g} (" in line[0], line
+    table = traffic_table()
+    assert len(table) == 2 * len(traffic.TABLE_STATES)
+    for optimizer, pair in traffic.TABLE_STATES:
+        for name in ("FP8", "INT4"):
+            grouped, rowwise, _ = table[(traffic.row_label(optimizer, pair), name)]
             fmt_grouped = eco.FP8(block_size=128) if name == "FP8" else eco.INT4(group_size=128)
             fmt_rowwise = eco.FP8() if name == "FP8" else eco.INT4()
-            per_param = [kernels.step_bytes(f, shape, optimizer=optimizer, state_dtype=state) / 4096**2
+            per_param = [kernels.step_bytes(f, shape, optimizer=optimizer, states=pair) / 4096**2
                          for f in (fmt_grouped, fmt_rowwise)]
-            assert abs(per_param[0] - grouped) < 0.07
-            assert abs(per_param[1] - rowwise) < 0.01
+            assert per_param == pytest.approx([grouped, rowwise], abs=0.006), (optimizer, pair, name)
     assert kernels.plain_step_bytes(10) == 280  # fp32 AdamW: 28 bytes per element
 
 

@@ -59,3 +59,24 @@ def test_each_storage_is_counted_once():
     model[1].weight = model[0].weight  # tied
     report = eco.memory_report(model)
     assert report.total_bytes == 64 * 64 * 4
+
+
+@pytest.mark.parametrize("fmt, states, limit", [
+    (eco.INT4(group_size=128), dict(momentum="8bit", second_moment="factored"), 1.6),
+    (eco.FP8(), dict(momentum="8bit", second_moment="factored"), 2.1),
+    (eco.FP8(), dict(momentum="8bit", second_moment="8bit"), 3.1),
+])
+def test_8bit_momentum_and_factored_or_8bit_second_moment_fit_the_budget(fmt, states, limit):
+    """Issue 16's acceptance: 4 x Linear(512, 512) after one step, every byte counted from live tensors."""
+    report = report_after_one_step(fmt, **states)
+    assert report.bytes_per_param <= limit, str(report)
+    assert report.per_param("momentum (m)") == pytest.approx(1.0)
+    assert report.per_param("momentum scales") == pytest.approx(4 / 128)
+    if states["second_moment"] == "factored":
+        assert report.per_param("second moment (factored)") == pytest.approx(4 * (512 + 512 + 1) / 512**2)
+        assert report.per_param("second moment (v)") == 0
+    else:
+        assert report.per_param("second moment (v)") == pytest.approx(1.0)
+        assert report.per_param("second moment scales") == pytest.approx(4 / 128)
+    text = str(report)
+    assert "momentum scales" in text and "second moment" in text

@@ -2,6 +2,7 @@
 
 import copy
 import io
+import re
 
 import pytest
 import torch
@@ -67,25 +68,27 @@ def test_forward_matches_dequantized_model_and_grads_are_plain_tensors():
     assert model.gate_up_proj.grad[2].abs().sum() == 0
 
 
-def test_expert_indexing_dequantizes_only_the_selected_expert():
+def test_expert_indexing_gives_quantized_views_that_dequantize_only_the_selected_experts(monkeypatch):
     qt = eco.QuantizedTensor.from_float(torch.randn(4, 8, 16), eco.INT4())
+    one, some, sliced = qt[2], qt[torch.tensor([0, 3])], qt[1:3]
+    for view in (one, some, sliced):
+        assert isinstance(view, eco.QuantizedTensor)
+    # Select and slice are views of the codes themselves; no codes were copied.
+    assert one.codes.untyped_storage().data_ptr() == qt.codes.untyped_storage().data_ptr()
+    assert sliced.codes.untyped_storage().data_ptr() == qt.codes.untyped_storage().data_ptr()
     calls = []
-    original = eco.QuantizedTensor.dequantize
+    original = eco.qparam._dequantize
 
-    def spy(self, dtype=None):
-        calls.append(tuple(self.shape))
-        return original(self, dtype)
+    def spy(fmt, codes, scales, shape, dtype):
+        calls.append(tuple(shape))
+        return original(fmt, codes, scales, shape, dtype)
 
-    eco.QuantizedTensor.dequantize = spy
-    try:
-        one = qt[2]
-        some = qt[torch.tensor([0, 3])]
-        sliced = qt[1:3]
-    finally:
-        eco.QuantizedTensor.dequantize = original
+    monkeypatch.setattr(eco.qparam, "_dequantize", spy)
+    values = [one.dequantize(), some.dequantize(), sliced.dequantize()]
     assert calls == [(8, 16), (2, 8, 16), (2, 8, 16)]
     full = qt.dequantize()
-    assert torch.equal(one, full[2]) and torch.equal(some, full[[0, 3]]) and torch.equal(sliced, full[1:3])
+    for value, expected in zip(values, (full[2], full[[0, 3]], full[1:3]), strict=True):
+        assert type(value) is torch.Tensor and torch.equal(value, expected)
 
 
 def test_state_dict_round_trip_through_torch_save():
@@ -165,3 +168,104 @@ def test_in_place_ops_are_requantized_not_lost():
     with pytest.raises(ValueError, match="NaN or inf"), torch.no_grad():
         lin.weight.add_(float("nan"))
     assert not lin.weight.dequantize().any()
+
+
+SHARE_MEMORY_SCRIPT = """
+import torch, torch.nn as nn, torch.multiprocessing as mp, eco
+
+def zero_codes(model):
+    with torch.no_grad():
+        model[0].weight.zero_()
+
+for fmt in (eco.FP8(), eco.INT4(group_size=16)):
+    model = eco.quantize_(nn.Sequential(nn.Linear(32, 16), nn.Linear(16, 32)), fmt)
+    model.share_memory()
+    for name, p in eco.quantized_parameters(model):
+        assert isinstance(p, eco.QuantizedTensor) and isinstance(p, nn.Parameter), name
+        assert p.codes.is_shared() and p.scales.is_shared() and p.is_shared(), name
+    child = mp.get_context("fork").Process(target=zero_codes, args=(model,))
+    child.start()
+    child.join()
+    assert child.exitcode == 0
+    assert not model[0].weight.dequantize().any(), "the child's write did not reach the shared codes"
+print("ok")
+"""
+
+
+def test_share_memory_shares_codes_and_scales():
+    """``model.share_memory()`` segfaulted on quantized weights (a crash must fail this test, not pytest)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", SHARE_MEMORY_SCRIPT], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", (done.returncode, done.stderr[-2000:])
+
+
+def test_quantize_checks_every_weight_before_replacing_any():
+    model = nn.Sequential(nn.Linear(32, 16), nn.Linear(24, 8))  # 24 columns: not a multiple of 16
+    originals = list(model.parameters())
+    with pytest.raises(ValueError) as error:
+        eco.quantize_(model, eco.INT4(group_size=16))
+    assert all(a is b for a, b in zip(model.parameters(), originals, strict=True))
+    assert re.search(r"1\.weight.*group size 16.*nothing was quantized", str(error.value))
+    model = nn.Sequential(nn.Linear(32, 16), nn.Linear(32, 8))
+    with torch.no_grad():
+        model[1].weight[0, 0] = float("inf")
+    originals = list(model.parameters())
+    with pytest.raises(ValueError) as error:
+        eco.quantize_(model, eco.INT4(group_size=16))
+    assert all(a is b for a, b in zip(model.parameters(), originals, strict=True))
+    assert re.search(r"1\.weight.*NaN or inf.*nothing was quantized", str(error.value))
+
+
+def test_quantize_on_the_meta_device_then_to_empty_and_load():
+    float_model = nn.Sequential(nn.Linear(32, 16), nn.Linear(16, 32))
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(32, 16), nn.Linear(16, 32))
+    eco.quantize_(model, eco.FP8())
+    assert all(p.codes.is_meta and p.scales.is_meta for _, p in eco.quantized_parameters(model))
+    model.to_empty(device="cpu")
+    assert len(eco.quantized_parameters(model)) == 2
+    model.load_state_dict(float_model.state_dict())
+    expected = eco.quantize_(float_model, eco.FP8())
+    for (name, a), (_, b) in zip(eco.quantized_parameters(model), eco.quantized_parameters(expected), strict=True):
+        assert not a.codes.is_meta and a.requires_grad, name
+        assert torch.equal(a.codes.view(torch.uint8), b.codes.view(torch.uint8)) and torch.equal(a.scales, b.scales)
+
+
+def test_quantize_again_same_format_is_a_no_op_other_format_is_an_error():
+    model = eco.quantize_(TinyBlockModel(), eco.FP8())
+    weight = model.proj.weight
+    eco.quantize_(model, eco.FP8())
+    assert model.proj.weight is weight
+    with pytest.raises(ValueError, match=r"already quantized as FP8\(row\)"):
+        eco.quantize_(model, eco.INT4(group_size=16))
+    assert model.proj.weight is weight and model.proj.weight.fmt == eco.FP8()
+
+
+@pytest.mark.parametrize("fmt", [eco.FP8(), eco.INT4(group_size=16)], ids=str)
+def test_plain_pickle_round_trip(fmt):
+    import pickle
+
+    model = eco.quantize_(TinyBlockModel(), fmt)
+    clone = pickle.loads(pickle.dumps(model))
+    for (name, a), (_, b) in zip(eco.quantized_parameters(model), eco.quantized_parameters(clone), strict=True):
+        assert b.codes.dtype == a.codes.dtype and b.fmt == a.fmt and b.requires_grad, name
+        assert torch.equal(a.codes.view(torch.uint8), b.codes.view(torch.uint8)) and torch.equal(a.scales, b.scales)
+
+
+def test_checkpoints_pickled_before_codes_travelled_as_uint8_still_load():
+    qt = eco.QuantizedTensor.from_float(torch.randn(4, 32), eco.FP8())
+    old = eco.qparam._rebuild_quantized(qt.codes, qt.scales, qt.fmt.config(), (4, 32), "float32", True)
+    assert old.codes.dtype == torch.float8_e4m3fn and torch.equal(old.dequantize(), qt.dequantize())
+
+
+def test_compile_cache_key_covers_layout_and_eco_code(monkeypatch):
+    """AOTAutograd caches compiled graphs by this key: a graph traced through another eco version must miss."""
+    w = eco.QuantizedTensor.from_float(torch.randn(4, 32), eco.FP8())
+    key = w._stable_hash_for_caching()
+    assert key == eco.QuantizedTensor.from_float(torch.randn(4, 32), eco.FP8())._stable_hash_for_caching()
+    assert key != eco.QuantizedTensor.from_float(torch.randn(4, 32), eco.FP8(block_size=16))._stable_hash_for_caching()
+    assert key != w.t()._stable_hash_for_caching()
+    monkeypatch.setattr(eco.qparam, "_eco_source_digest", lambda: "another eco")
+    assert key != w._stable_hash_for_caching()
