@@ -24,7 +24,6 @@ buffer FSDP2 cut the shard from (``fully_shard`` allocates the padded shard with
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
@@ -52,23 +51,29 @@ class ShardInfo(NamedTuple):
     groups: tuple
 
 
-def allocate_state(fmt: StateFormat, p: torch.Tensor, shape) -> tuple[torch.Tensor, ...]:
+def steps_whole(p: torch.Tensor, shape, formats) -> bool:
+    """Whether every rank steps the whole of ``p`` (gathered) and keeps whole, replicated states: a sharded 1-D
+    parameter (``shape``: its real view's) with a block-scaled state format, whose shards would cut the
+    128-element blocks that share a scale. Such parameters are norms and biases: small."""
+    return isinstance(p, DTensor) and len(shape) == 1 and any(isinstance(f, states.Block8) for f in formats)
+
+
+def allocate_state(fmt: StateFormat, p: torch.Tensor, shape, whole: bool = False) -> tuple[torch.Tensor, ...]:
     """Zero tensors of state format ``fmt`` for parameter ``p`` (``shape``: its real view's): for a ``DTensor``
     ``p``, ``DTensor``s (so DCP can reshard them) whose row-local parts are sharded like ``p`` and whose
-    per-matrix parts (``states.replicated_parts``) are replicated, every rank holding the same copy."""
+    per-matrix parts (``states.replicated_parts``) are replicated, every rank holding the same copy; all
+    replicated when the whole tensor is stepped on every rank (``whole``, :func:`steps_whole`)."""
     if not isinstance(p, DTensor):
         return fmt.allocate(shape, p.device)
     local = p._local_tensor
-    local_shape = (*local.shape, *shape[p.dim():])
-    replicated = states.replicated_parts(fmt, shape)
-    _check_state_blocks(fmt, p, shape)
+    local_shape = shape if whole else (*local.shape, *shape[p.dim():])
+    replicated = fmt.parts if whole else states.replicated_parts(fmt, shape)
     out = []
-    for suffix, whole, part in zip(fmt.parts, fmt.shapes(shape), fmt.allocate(local_shape, local.device),
-                                   strict=True):
-        if suffix in replicated:  # shaped by the columns only: the shard's part is the whole part
+    for suffix, full, part in zip(fmt.parts, fmt.shapes(shape), fmt.allocate(local_shape, local.device), strict=True):
+        if suffix in replicated:  # per matrix (shaped by the columns only), or whole: this rank's part is all of it
             out.append(DTensor.from_local(part, p.device_mesh, [Replicate()] * p.device_mesh.ndim, run_check=False))
         else:
-            out.append(_sharded_like(p, part, whole))
+            out.append(_sharded_like(p, part, full))
     return tuple(out)
 
 
@@ -78,38 +83,40 @@ def _sharded_like(p: DTensor, local: torch.Tensor, shape) -> DTensor:
                               stride=whole.stride())
 
 
-def _check_state_blocks(fmt: StateFormat, p: DTensor, shape) -> None:
-    """Refuse block-scaled states of a 1-D ``p`` whose shards cut a block: the block's scale would belong to two
-    ranks (the shard is then neither the unsharded step's nor a shard DCP can reshard)."""
-    if len(fmt.parts) != 2 or len(shape) != 1:
-        return
-    shards = math.prod(p.device_mesh.size(d) for d, pl in enumerate(p.placements) if pl.is_shard())
-    chunk = -(-shape[0] // shards)
-    blocks = -(-shape[0] // states.STATE_BLOCK)
-    if shards > 1 and (chunk % states.STATE_BLOCK or -(-blocks // shards) * states.STATE_BLOCK != chunk):
-        raise NotImplementedError(
-            f"a {fmt.name} state of a 1-D parameter of {shape[0]} elements split across {shards} ranks: shards of "
-            f"{chunk} elements cut its {states.STATE_BLOCK}-element scale blocks. Keep such parameters out of "
-            "fully_shard (e.g. shard only the decoder layers' weights), or use momentum/second_moment 'fp32' or "
-            "'bf16'"
-        )
-
-
 def shardwise(p: torch.Tensor, fn) -> torch.Tensor:
     """``fn`` applied to ``p``, or to each rank's shard of ``p`` (the result sharded like ``p``)."""
     return _sharded_like(p, fn(p._local_tensor), p.shape) if isinstance(p, DTensor) else fn(p)
 
 
-def local_view(p: torch.Tensor) -> torch.Tensor:
+def local_view(p: torch.Tensor, whole: bool = False) -> torch.Tensor:
     """What the optimizer steps for parameter ``p``: ``p`` itself, or, for a ``DTensor``, a fresh alias of this
     rank's shard that carries the shard of the gradient as ``.grad`` and where the shard sits (see
-    :func:`shard_offset`, :func:`shard_full_shape`, :func:`shard_reduce`); gone after the step."""
+    :func:`shard_offset`, :func:`shard_full_shape`, :func:`shard_reduce`); gone after the step.
+
+    ``whole`` (:func:`steps_whole`): the gathered parameter and gradient (collectives, in the same order on
+    every rank); :func:`write_back` then copies this rank's rows of the result into its shard.
+    """
     if not isinstance(p, DTensor):
         return p
+    if whole:
+        view = p.detach().full_tensor()
+        view.grad = p.grad.full_tensor()
+        view.eco_write_back = p
+        return view
     view = p._local_tensor.detach()
     view.grad = local_tensor(p.grad)
     view.eco_shard = ShardInfo(_dim0_start(p) * p.shape[1:].numel(), p.shape, tuple(_shard_groups(p)))
     return view
+
+
+def write_back(views) -> None:
+    """Copy each rank's rows of the stepped whole tensors of :func:`local_view` (``whole``) into its shard."""
+    for view in views:
+        p = getattr(view, "eco_write_back", None)
+        if p is not None:
+            start = _dim0_start(p)
+            shard = p._local_tensor
+            shard.copy_(view[start:start + shard.shape[0]])
 
 
 def local_state(state: dict) -> dict:

@@ -325,14 +325,20 @@ class _ECOOptimizer(torch.optim.Optimizer):
             out.append(reference.Moment(fmt, tuple(state[k] for k in fmt.keys(name))))
         return out
 
+    def _steps_whole(self, p: torch.Tensor) -> bool:
+        """Whether each rank steps all of sharded ``p`` (``distributed.steps_whole``)."""
+        shape = _real(p).shape
+        return distributed.steps_whole(p, shape, [self._moment_format(name, shape) for name in self.moment_names])
+
     def _state_for(self, p: torch.Tensor, group: dict) -> dict:
         state = self.state[p]
         if not state:
             state["step"] = 0
             shape = _real(p).shape
+            whole = self._steps_whole(p)
             for name in self.moment_names:
                 fmt = self._moment_format(name, shape)
-                state.update(zip(fmt.keys(name), distributed.allocate_state(fmt, p, shape), strict=True))
+                state.update(zip(fmt.keys(name), distributed.allocate_state(fmt, p, shape, whole), strict=True))
             if _is_quantized(p) and group["master_weights"]:
                 state["master"] = distributed.shardwise(p, lambda w: w.dequantize(torch.float32))
         return state
@@ -453,7 +459,7 @@ class _ECOOptimizer(torch.optim.Optimizer):
             if self._draws_seed(p, group):
                 seed = seeds[p] if seeds is not None and p in seeds else self._next_seed()
             # this rank's shards (FSDP2); a shard of no rows is stepped too: its reductions pair with the others'
-            p, state = distributed.local_view(p), distributed.local_state(state)
+            p, state = distributed.local_view(p, self._steps_whole(p)), distributed.local_state(state)
             moments = self._moments(p, state)
             formats = tuple(mo.fmt for mo in moments)
             if isinstance(p, QuantizedTensor):
@@ -467,6 +473,7 @@ class _ECOOptimizer(torch.optim.Optimizer):
             self._step_quantized(backend, *(list(x) for x in zip(*items, strict=True)), group, step)
         for backend, group, step, items in plain_batches.values():
             self._step_plain(backend, *(list(x) for x in zip(*items, strict=True)), group, step)
+            distributed.write_back(p for p, *_ in items)  # a whole-stepped sharded 1-D parameter
 
     def _scalars_problem(self, work: list) -> str | None:
         """Why some parameter's coefficients this step cannot run in fp32 (``reference.check_scalars``), or None."""

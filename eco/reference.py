@@ -371,7 +371,7 @@ def _finalize_factored_(v: tuple, row_q, col_q, total_q, fixed_point, k: AdamWSc
     def mean_of(q, count: float, up):
         return (((q.to(torch.float32) * 2.0**-bits) / (one * np.float32(count))) * up) * up
 
-    row_mean = mean_of(row_q.reshape(n, -1), cols, scale_up).reshape(row.shape)
+    row_mean = mean_of(row_q.reshape(n, row.shape[-1]), cols, scale_up).reshape(row.shape)  # n = 0: no experts
     col_mean = mean_of(col_q, rows, scale_up)
     total_mean = mean_of(total_q, rows * cols, fixed_point[1])
     for state, new in ((row, row_mean), (col, col_mean), (mean, total_mean)):
@@ -537,7 +537,7 @@ def step_(name: str, weight: torch.Tensor, scales: torch.Tensor | None, grad: to
     if two_pass:  # what every piece wrote; also a shard with no rows holds its matrix's scale
         scale_rows.copy_(fmt.scale_pair(absmax)[0])
     if factored:
-        total_q = row_q.view(n_mats, -1).sum(dim=1)
+        total_q = row_q.view(n_mats, lay.matrix_rows).sum(dim=1)  # n_mats may be 0 (a shard of no experts)
         if reduce is not None:
             reduce(col_q, "sum")
             reduce(total_q, "sum")

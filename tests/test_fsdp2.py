@@ -119,6 +119,11 @@ def _values(p: torch.Tensor) -> torch.Tensor:
     return p.dequantize() if isinstance(p, eco.QuantizedTensor) else p.detach()
 
 
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """1-byte tensors (FP8/INT4 codes, E4M3 or int8 states) as bytes: compared bit for bit."""
+    return t.view(torch.uint8) if t.dtype.itemsize == 1 else t
+
+
 def _given_grads(model: Net, step: int) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(1000 + step)
     return {name: torch.randn(p.shape, generator=gen) * 1e-2 for name, p in model.named_parameters()}
@@ -148,15 +153,17 @@ def _check_sharded_step(rank, world_size, fmt, optimizer_cls, options, steps=3):
             local = p.to_local()
             pairs = {"value": (_values(local), _values(ref)[start:stop])}
             if isinstance(local, eco.QuantizedTensor):
-                pairs["codes"] = (local.codes.view(torch.uint8), ref.codes[start:stop].view(torch.uint8))
+                pairs["codes"] = (local.codes, ref.codes[start:stop])
                 pairs["scales"] = (local.scales, ref.scales if _one_scale(ref) else ref.scales[start:stop])
             for key, value in opt.state[p].items():
                 if isinstance(value, torch.Tensor):
                     assert isinstance(value, DTensor), (name, key)
                     whole = opt_ref.state[ref][key]
-                    pairs[key] = (value.to_local(), whole if value.placements[0].is_replicate() else whole[start:stop])
+                    replicated = value.placements[0].is_replicate()
+                    pairs[key] = (value.to_local(), whole if replicated else whole[start:stop])
             for what, (a, b) in pairs.items():
-                if not torch.equal(a.view(torch.uint8) if a.dtype.itemsize == 1 else a, b):
+                a, b = _bits(a), _bits(b)
+                if not torch.equal(a, b):
                     mismatches.append((step, name, what, int((a != b).sum())))
     return mismatches
 
@@ -199,9 +206,21 @@ OPTIMIZERS = {
     "adamw": (eco.AdamW, dict(lr=1e-2, weight_decay=0.1)),
     "sgd": (eco.SGD, dict(lr=1e-1, momentum=0.9)),
 }
-ROUNDINGS = ["nearest"]
+# State formats of the sharded-step check (stochastic rounding): 8-bit block scales are row-local (sharded; the
+# 1-D norm and bias are stepped whole on every rank), a factored v's column and mean statistics are per matrix
+# (replicated, all-reduced sums), bf16 states round stochastically at their global element index.
+STATE_FORMATS = {
+    "fp32": {},
+    "int8-factored": dict(momentum="int8", second_moment="factored"),
+    "bf16-fp8": dict(momentum="bf16", second_moment="fp8"),
+    "sgd-int8": dict(momentum_state="int8"),
+}
+STEP_CASES = [("adamw", "nearest", "fp32"), ("sgd", "nearest", "fp32"), ("adamw", "stochastic", "fp32"),
+              ("sgd", "stochastic", "fp32"), ("adamw", "stochastic", "int8-factored"),
+              ("adamw", "stochastic", "bf16-fp8"), ("sgd", "stochastic", "sgd-int8")]
 WORLD_SIZES = [1, 2, 4]
 FULL = (1, 2)  # 4 ranks on a 2-core CI machine are slow: there, only what differs at 4 (empty shards)
+AT_FOUR = [("adamw", "nearest", "fp32"), ("adamw", "stochastic", "int8-factored")]
 
 
 def _fsdp_checks(rank, world_size):
@@ -213,11 +232,10 @@ def _fsdp_checks(rank, world_size):
         out[("between_steps", fmt_name)] = _check_between_steps(rank, world_size, fmt)
         if world_size == 2:
             out[("bytes", fmt_name)] = _all_gather_bytes(rank, world_size, fmt)
-        for name, (cls, options) in OPTIMIZERS.items():
-            for rounding in ROUNDINGS:
-                if world_size in FULL or name == "adamw":
-                    out[("step", fmt_name, name, rounding)] = _check_sharded_step(
-                        rank, world_size, fmt, cls, dict(options, rounding=rounding))
+        for name, rounding, states in STEP_CASES if world_size in FULL else AT_FOUR:
+            cls, options = OPTIMIZERS[name]
+            out[("step", fmt_name, name, rounding, states)] = _check_sharded_step(
+                rank, world_size, fmt, cls, dict(options, rounding=rounding, **STATE_FORMATS[states]))
     out[("e2e", True)] = _check_end_to_end(rank, world_size, FORMATS["fp8-row"], same_data=True)
     if world_size in FULL:
         out[("e2e", False)] = _check_end_to_end(rank, world_size, FORMATS["fp8-row"], same_data=False)
@@ -287,13 +305,14 @@ def test_all_gather_moves_codes_and_scales(fmt_name):
         assert counts["eco"] < counts["bf16"] * (bits / 16 + 0.2), (rank, counts)
 
 
-@pytest.mark.parametrize("world_size, optimizer", [(w, o) for w in WORLD_SIZES for o in OPTIMIZERS
-                                                   if w in FULL or o == "adamw"])
-@pytest.mark.parametrize("rounding", ROUNDINGS)
+@pytest.mark.parametrize("world_size, optimizer, rounding, states",
+                         [(w, *case) for w in WORLD_SIZES for case in (STEP_CASES if w in FULL else AT_FOUR)])
 @pytest.mark.parametrize("fmt_name", list(FORMATS))
-def test_sharded_step_equals_unsharded_step_bit_for_bit(world_size, fmt_name, optimizer, rounding):
+def test_sharded_step_equals_unsharded_step_bit_for_bit(world_size, fmt_name, optimizer, rounding, states):
+    """Weights, codes, scales and every state tensor (row-local ones against the rank's rows, replicated ones
+    whole) after 3 steps from the same gradients; 4 ranks hold empty shards (5 rows, 3 experts)."""
     for rank, result in enumerate(results(world_size)):
-        assert result[("step", fmt_name, optimizer, rounding)] == [], rank
+        assert result[("step", fmt_name, optimizer, rounding, states)] == [], rank
 
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
