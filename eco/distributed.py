@@ -141,8 +141,9 @@ def shard_full_shape(view: torch.Tensor):
 
 def shard_reduce(view: torch.Tensor):
     """``reduce(tensor, op)``, an in-place all-reduce (``op``: ``"max"`` or ``"sum"``) over the ranks holding
-    the other rows of ``view``; None for an unsharded tensor."""
-    groups = view.eco_shard.groups if is_shard(view) else ()
+    the other rows of ``view``; None for an unsharded tensor, and for a shard of stacked matrices (experts: it holds
+    whole ones, nothing to reduce; the steps reduce only for 2-D tensors)."""
+    groups = view.eco_shard.groups if is_shard(view) and len(view.eco_shard.full_shape) == 2 else ()
     if not groups:
         return None
 

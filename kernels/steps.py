@@ -67,6 +67,8 @@ def _job(weight, scales, grad, m, v, master, shape, seed, *, stochastic_weight: 
     v = reference.as_moment(v) if v is not None else None
     needs_seed = stochastic_weight or m.fmt.stochastic or (v is not None and v.fmt.stochastic)
     seed = reference._resolve_seed(seed) if needs_seed else None
+    if len(shape) != 2:
+        reduce = None  # as reference.step_: a dim-0 shard of stacked matrices (experts) holds whole matrices
     return _Job(weight, scales, grad.reshape(shape), m, v, master, torch.Size(shape), seed, offset, reduce,
                 full_shape)
 
