@@ -57,6 +57,8 @@ def parse_args(argv=None):
                    help="skip reloading the mid-run checkpoint into a fresh model and comparing the final bits")
     p.add_argument("--rounding", choices=["stochastic", "nearest"], default="stochastic")
     p.add_argument("--group-size", type=int, default=None, help="INT4 group size (default: tensor-wise)")
+    p.add_argument("--momentum", default="fp32", help="state format of m: fp32, bf16, int8, fp8 or 8bit")
+    p.add_argument("--second-moment", default="fp32", help="state format of v: fp32, bf16, fp8, factored or 8bit")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=4, help="per rank")
@@ -86,7 +88,8 @@ def build(args, device):
         fully_shard(layer, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
     optimizer = eco.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), eps=1e-9, weight_decay=0.1,
-                          rounding=args.rounding, seed=args.seed)
+                          rounding=args.rounding, momentum=args.momentum, second_moment=args.second_moment,
+                          seed=args.seed)
     return model, optimizer
 
 
@@ -133,15 +136,16 @@ def load_checkpoint(model, optimizer, path: str) -> int:
 
 
 def fingerprint(model, optimizer) -> list[torch.Tensor]:
-    """This rank's shards of everything a step depends on, codes as bytes."""
+    """This rank's shards of everything a step depends on, 1-byte codes and states as bytes."""
+    def as_bytes(t):
+        return (t.view(torch.uint8) if t.dtype.itemsize == 1 else t).detach().clone()
+
     out = []
     for p in model.parameters():
         local = local_tensor(p)
-        if isinstance(local, eco.QuantizedTensor):
-            out += [local.codes.view(torch.uint8).clone(), local.scales.clone()]
-        else:
-            out.append(local.detach().clone())
-        out += [local_tensor(v).clone() for v in optimizer.state[p].values() if isinstance(v, torch.Tensor)]
+        out += [as_bytes(local.codes), local.scales.clone()] if isinstance(local, eco.QuantizedTensor) else [
+            as_bytes(local)]
+        out += [as_bytes(local_tensor(v)) for v in optimizer.state[p].values() if isinstance(v, torch.Tensor)]
     return out
 
 
@@ -154,7 +158,7 @@ def report_memory(model, optimizer, world: int) -> None:
              f"{total_params:,} parameters, {expert_params:,} of them in INT4 experts): "
              f"{report.total_bytes / total_params:.3f} bytes per model parameter on this rank"]
     for kind, nbytes in report.bytes_by_kind.items():
-        lines.append(f"    {kind:<22}{nbytes / total_params:>8.3f} B/param")
+        lines.append(f"    {kind:<26}{nbytes / total_params:>8.3f} B/param")
     gathered = [None] * world
     dist.all_gather_object(gathered, "\n".join(lines))
     if dist.get_rank() == 0:
@@ -175,7 +179,8 @@ def main(argv=None) -> int:
         model, optimizer = build(args, device)
         if rank == 0:
             print(f"{world} ranks ({dist.get_backend()}), experts in {eco.INT4(group_size=args.group_size)}, "
-                  f"rounding {args.rounding}, {args.steps} steps of {args.batch_size} x {args.seq_len} per rank")
+                  f"rounding {args.rounding}, states m {args.momentum} / v {args.second_moment}, {args.steps} steps "
+                  f"of {args.batch_size} x {args.seq_len} per rank")
         if args.resume:
             start = load_checkpoint(model, optimizer, args.checkpoint)
             if rank == 0:

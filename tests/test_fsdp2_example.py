@@ -15,10 +15,11 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "fsdp2_finetune.py"
 
 
 def test_example_trains_checkpoints_and_resumes_bit_identically(tmp_path):
-    """Stochastic rounding, the example's default (the DCP tests cover round-to-nearest)."""
+    """Stochastic rounding, the example's default (the DCP tests cover round-to-nearest), with 8-bit m and a
+    factored v (the DCP tests cover fp32 states)."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(EXAMPLE),
-               "--steps", "6", "--save-at", "3", "--log-every", "3",
-               "--checkpoint", str(tmp_path / "ckpt")]
+               "--steps", "6", "--save-at", "3", "--log-every", "3", "--momentum", "int8",
+               "--second-moment", "factored", "--checkpoint", str(tmp_path / "ckpt")]
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
