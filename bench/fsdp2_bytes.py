@@ -31,7 +31,9 @@ from moe_int4_finetune import ByteTokenizer, expert_filter, tiny_mixtral_config 
 ARMS = {
     "bf16 FSDP2, torch AdamW": dict(fmt=None),
     "INT4 tensor-wise, fp32 states": dict(fmt=eco.INT4()),
-    "INT4 tensor-wise, bf16 states": dict(fmt=eco.INT4(), state_dtype=torch.bfloat16),
+    "INT4 tensor-wise, bf16 states": dict(fmt=eco.INT4(), momentum="bf16", second_moment="bf16"),
+    "INT4 tensor-wise, int8 m, fp8 v": dict(fmt=eco.INT4(), momentum="int8", second_moment="fp8"),
+    "INT4 tensor-wise, int8 m, factored v": dict(fmt=eco.INT4(), momentum="int8", second_moment="factored"),
     "INT4 group 32, fp32 states": dict(fmt=eco.INT4(group_size=32)),
     "FP8 row, fp32 states": dict(fmt=eco.FP8()),
 }
@@ -66,7 +68,8 @@ def measure(arm: dict, args) -> dict:
     if arm["fmt"] is None:
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     else:
-        optimizer = eco.AdamW(model.parameters(), lr=1e-3, state_dtype=arm.get("state_dtype", torch.float32))
+        optimizer = eco.AdamW(model.parameters(), lr=1e-3, momentum=arm.get("momentum", "fp32"),
+                              second_moment=arm.get("second_moment", "fp32"))
     batch = torch.randint(0, ByteTokenizer.vocab_size, (args.batch_size, args.seq_len),
                           generator=torch.Generator().manual_seed(dist.get_rank()))
     model(input_ids=batch, labels=batch).loss.backward()
@@ -113,10 +116,10 @@ def main(argv=None) -> None:
                   f"{first['params']:,} parameters, {first['expert_params']:,} in experts")
             print("per parameter of the whole model (all) or of the experts; the rank holding the most; all-gather:"
                   " bytes one rank sends in one forward + backward")
-            print(f"{'arm':<32}{'rank B/param':>14}{'experts':>10}{'all-gather B/param':>20}{'experts':>10}")
+            print(f"{'arm':<38}{'rank B/param':>14}{'experts':>10}{'all-gather B/param':>20}{'experts':>10}")
             for name in ARMS:
                 worst = max(every_rank, key=lambda r: r[name]["rank_bytes"])[name]
-                print(f"{name:<32}{worst['rank_bytes_per_param']:>14.3f}{worst['rank_expert_bytes_per_param']:>10.3f}"
+                print(f"{name:<38}{worst['rank_bytes_per_param']:>14.3f}{worst['rank_expert_bytes_per_param']:>10.3f}"
                       f"{worst['all_gathered_bytes_per_param']:>20.3f}{worst['expert_all_gathered_bytes_per_param']:>10.3f}")
             if args.out:
                 Path(args.out).write_text(json.dumps(dict(world_size=world, args=vars(args), ranks=every_rank),
