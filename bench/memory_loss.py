@@ -21,6 +21,8 @@ with :func:`eco.quantize_`, embeddings, norms and head stay fp32):
 ``naive-sr``   no master copy, no error feedback, stochastic rounding
 ``eco-rtn``    ECO, round-to-nearest
 ``eco-sr``     ECO, stochastic rounding
+``eco-sr-lowbit`` ECO, stochastic rounding, 8-bit m + factored v (``momentum="8bit", second_moment="factored"``)
+``eco-sr:M/V``  ECO, stochastic rounding, m in format M and v in format V (e.g. ``eco-sr:fp8/factored``)
 ``bnb8bit``    peer: bitsandbytes ``AdamW8bit`` on bf16 weights (when importable)
 ``optimi-kahan`` peer: torch-optimi ``AdamW`` with Kahan summation on bf16 weights
 =============  ==========================================================
@@ -64,7 +66,10 @@ QUANTIZED_ARMS = {
     "naive-sr": ("naive (no master), SR", dict(error_feedback=False, rounding="stochastic")),
     "eco-rtn": ("ECO, RTN", dict(rounding="nearest")),
     "eco-sr": ("ECO, SR", dict(rounding="stochastic")),
+    "eco-sr-lowbit": ("ECO, SR, 8-bit m + factored v",
+                      dict(rounding="stochastic", momentum="8bit", second_moment="factored")),
 }
+STATE_ARM_PREFIX = "eco-sr:"  # "eco-sr:M/V": ECO-SR with momentum=M, second_moment=V
 PEER_ARMS = {
     # name: (label, module that must be importable)
     "bnb8bit": ("bitsandbytes AdamW8bit, bf16 weights", "bitsandbytes"),
@@ -73,11 +78,41 @@ PEER_ARMS = {
 ALL_ARMS = ("master", *QUANTIZED_ARMS, *PEER_ARMS)
 
 
+def state_arm_options(arm: str) -> dict | None:
+    """The ``eco.AdamW`` options of a ``"eco-sr:M/V"`` arm, or None for any other arm name."""
+    if not arm.startswith(STATE_ARM_PREFIX):
+        return None
+    momentum, _, second_moment = arm[len(STATE_ARM_PREFIX):].partition("/")
+    if not momentum or not second_moment:
+        raise ValueError(f"a state-format arm is spelled {STATE_ARM_PREFIX}M/V (e.g. eco-sr:int8/factored), "
+                         f"got {arm!r}")
+    return dict(rounding="stochastic", momentum=momentum, second_moment=second_moment)
+
+
+def check_state_arm(arm: str) -> None:
+    """Raise ValueError now (not in a worker process later) if a ``"eco-sr:M/V"`` arm names an unknown format."""
+    options = state_arm_options(arm)
+    if options is not None:
+        from eco import states
+
+        states.momentum_format(options["momentum"])
+        states.second_moment_format(options["second_moment"])
+
+
+def quantized_arm_options(arm: str) -> dict | None:
+    """``eco.AdamW`` keyword arguments of a quantized-weight arm, or None for another arm."""
+    if arm in QUANTIZED_ARMS:
+        return dict(QUANTIZED_ARMS[arm][1])
+    return state_arm_options(arm)
+
+
 def arm_label(arm: str, fmt_name: str) -> str:
     if arm == "master":
         return "fp32 master weights (torch AdamW)"
     if arm in QUANTIZED_ARMS:
         return f"{fmt_name.upper()} {QUANTIZED_ARMS[arm][0]}"
+    if arm.startswith(STATE_ARM_PREFIX):
+        return f"{fmt_name.upper()} ECO, SR, m/v {arm[len(STATE_ARM_PREFIX):]}"
     return PEER_ARMS[arm][0]
 
 
@@ -119,7 +154,7 @@ class BenchConfig:
     state_dtype: str = "bfloat16"  # optimizer states of the no-master arms (naive, ECO)
     arms: tuple[str, ...] = ALL_ARMS
     seeds: int = 3
-    multi_seed_arms: tuple[str, ...] = ("master", "eco-sr")
+    multi_seed_arms: tuple[str, ...] = ("master", "eco-sr", "eco-sr-lowbit")  # and every "eco-sr:M/V" arm
     device: str = "cpu"
     threads: int = 0  # 0: all cores
     data: str | None = None
@@ -269,15 +304,16 @@ def build_arm(arm: str, cfg: BenchConfig, seed: int, device: torch.device):
     if arm == "master":
         model.to(device)
         return model, torch.optim.AdamW(param_groups(model, cfg.weight_decay), **common)
-    if arm in QUANTIZED_ARMS:
+    options = quantized_arm_options(arm)
+    if options is not None:
         fmt = eco.FP8() if cfg.format == "fp8" else eco.INT4(group_size=128)
         model.to(device)
         eco.quantize_(model, fmt)
-        options = dict(QUANTIZED_ARMS[arm][1])
-        # Master-weight arms keep the usual fp32 states; the no-master arms the low-memory setting.
-        state_dtype = torch.float32 if options.get("master_weights") else getattr(torch, cfg.state_dtype)
-        opt = eco.AdamW(param_groups(model, cfg.weight_decay), **common, state_dtype=state_dtype, seed=seed,
-                        **options)
+        if "momentum" not in options:
+            # Master-weight arms keep the usual fp32 states; the no-master arms the low-memory setting.
+            options["state_dtype"] = (torch.float32 if options.get("master_weights")
+                                      else getattr(torch, cfg.state_dtype))
+        opt = eco.AdamW(param_groups(model, cfg.weight_decay), **common, seed=seed, **options)
         return model, opt
     model.to(device=device, dtype=torch.bfloat16)
     groups = param_groups(model, cfg.weight_decay)
@@ -391,7 +427,8 @@ def plan_runs(cfg: BenchConfig) -> tuple[list[tuple[str, int]], list[str]]:
             if reason is not None:
                 notes.append(f"skipping peer arm {arm} ({PEER_ARMS[arm][0]}): {reason}")
                 continue
-        seeds = range(cfg.seeds) if arm in cfg.multi_seed_arms else range(1)
+        multi_seed = arm in cfg.multi_seed_arms or arm.startswith(STATE_ARM_PREFIX)
+        seeds = range(cfg.seeds) if multi_seed else range(1)
         runs.extend((arm, seed) for seed in seeds)
     return runs, notes
 
@@ -479,9 +516,11 @@ def plot(runs: list[dict], rows: list[dict], path: Path, title: str) -> None:
 
 def run_benchmark(cfg: BenchConfig, jobs: int = 1, log=print, command: str = "eco-bench") -> dict:
     """Run every planned arm (each in a fresh process) and write ``<name>.json/.md/.png`` to ``cfg.out``."""
-    unknown = [a for a in cfg.arms if a not in ALL_ARMS]
+    unknown = [a for a in cfg.arms if a not in ALL_ARMS and not a.startswith(STATE_ARM_PREFIX)]
     if unknown:
-        raise ValueError(f"unknown arm(s) {unknown}; choose from {', '.join(ALL_ARMS)}")
+        raise ValueError(f"unknown arm(s) {unknown}; choose from {', '.join(ALL_ARMS)} or {STATE_ARM_PREFIX}M/V")
+    for arm in cfg.arms:
+        check_state_arm(arm)
     if cfg.format not in ("fp8", "int4"):
         raise ValueError(f"--format must be fp8 or int4, got {cfg.format!r}")
     if cfg.format == "int4" and cfg.d_model % 128:
@@ -549,7 +588,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, int]:
         prog="eco-bench", description="Memory/loss benchmark: ECO vs master-weight and naive quantized training.")
     p.add_argument("--quick", action="store_true", help="a smoke run of a minute or two (small model, few steps)")
     p.add_argument("--format", choices=("fp8", "int4"), help="fp8 (row scales) or int4 (groups of 128)")
-    p.add_argument("--arms", help=f"comma-separated subset of: {', '.join(ALL_ARMS)}")
+    p.add_argument("--arms", help=f"comma-separated subset of: {', '.join(ALL_ARMS)}, or {STATE_ARM_PREFIX}M/V "
+                   "(ECO-SR with momentum=M, second_moment=V)")
     p.add_argument("--steps", type=int)
     p.add_argument("--warmup", type=int)
     p.add_argument("--lr", type=float, help=f"peak learning rate (default {defaults.lr:g})")
@@ -560,7 +600,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, int]:
     p.add_argument("--n-heads", type=int)
     p.add_argument("--eval-every", type=int)
     p.add_argument("--eval-batches", type=int)
-    p.add_argument("--seeds", type=int, help="seeds for the multi-seed arms (master, eco-sr)")
+    p.add_argument("--seeds", type=int, help="seeds for the multi-seed arms (master, eco-sr, eco-sr-lowbit, "
+                   f"{STATE_ARM_PREFIX}M/V)")
     p.add_argument("--state-dtype", choices=("bfloat16", "float32"), help="optimizer states of naive/ECO arms")
     p.add_argument("--data", help="train on this text file instead of the standard library source")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")

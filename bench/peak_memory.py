@@ -206,7 +206,7 @@ def all_arms() -> list[Arm]:
 def unavailable_reason(arm: Arm, device: torch.device) -> str | None:
     """Why ``arm`` cannot run here, or None. Detects features; building the arm is the child's job."""
     if arm.optimizer.startswith("torchao") and importlib.util.find_spec("torchao") is None:
-        return "torchao is not installed (pip install torchao)"
+        return "torchao is not installed (pip install 'eco-optim[peers]')"
     if arm.optimizer == "bnb-adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
         return "bitsandbytes is not installed"
     if arm.optimizer != "eco":

@@ -25,29 +25,6 @@ from eco_bench import memory_loss as benchmark
 STATES = ["fp32/fp32", "bf16/bf16", "int8/fp32", "fp8/fp32", "int8/factored", "fp8/factored", "int8/fp8"]
 
 
-_BUILD_ARM = benchmark.build_arm
-_ARM_LABEL = benchmark.arm_label
-
-
-def arm_label(arm: str, fmt_name: str) -> str:
-    return f"ECO-SR {fmt_name}, m/v {arm}" if "/" in arm else _ARM_LABEL(arm, fmt_name)
-
-
-def build_arm(arm: str, cfg: benchmark.BenchConfig, seed: int, device: torch.device):
-    """``memory_loss.build_arm``, plus ECO-SR arms named ``"m/v"`` that pass the state formats."""
-    if "/" not in arm:
-        return _BUILD_ARM(arm, cfg, seed, device)
-    import eco
-
-    momentum, second_moment = arm.split("/")
-    torch.manual_seed(seed)
-    model = benchmark.ByteLM(cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.seq_len).to(device)
-    eco.quantize_(model, eco.FP8() if cfg.format == "fp8" else eco.INT4(group_size=128))
-    opt = eco.AdamW(benchmark.param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
-                    momentum=momentum, second_moment=second_moment, seed=seed)
-    return model, opt
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--format", default="fp8", choices=("fp8", "int4"))
@@ -64,19 +41,18 @@ def main() -> None:
                                 final_eval_batches=16, format=args.format, progress=False, threads=1)
     train, val, _ = benchmark.load_corpus(cfg.data)
     results = []
-    benchmark.build_arm, benchmark.arm_label = build_arm, arm_label  # run_arm builds "m/v" arms through them
-    try:
-        with tempfile.TemporaryDirectory() as data_dir:
-            np.save(Path(data_dir) / "train.npy", train)
-            np.save(Path(data_dir) / "val.npy", val)
-            for arm in ["master", *args.states]:
-                for seed in range(args.seeds):
-                    run = benchmark.run_arm(arm, seed, dict(cfg.__dict__), data_dir)
-                    results.append({k: run[k] for k in ("arm", "seed", "final_val_loss", "diverged",
-                                                        "skipped_steps", "static_bytes_per_param", "wall_s")})
-                    print(json.dumps(results[-1]), file=sys.stderr, flush=True)
-    finally:
-        benchmark.build_arm, benchmark.arm_label = _BUILD_ARM, _ARM_LABEL
+    with tempfile.TemporaryDirectory() as data_dir:
+        np.save(Path(data_dir) / "train.npy", train)
+        np.save(Path(data_dir) / "val.npy", val)
+        for states in ["master", *args.states]:
+            arm = states if states == "master" else benchmark.STATE_ARM_PREFIX + states
+            benchmark.check_state_arm(arm)
+            for seed in range(args.seeds):
+                run = benchmark.run_arm(arm, seed, dict(cfg.__dict__), data_dir)
+                run["arm"] = states
+                results.append({k: run[k] for k in ("arm", "seed", "final_val_loss", "diverged",
+                                                    "skipped_steps", "static_bytes_per_param", "wall_s")})
+                print(json.dumps(results[-1]), file=sys.stderr, flush=True)
     print(f"format {args.format}, {args.steps} steps, d_model {args.d_model}, {args.layers} layers, "
           f"{args.seeds} seeds")
     print("| states (m/v) | bytes/param | final val loss (mean over seeds) | vs master |")

@@ -56,9 +56,15 @@ CONFIGS = {  # hidden, intermediate, layers, vocab, heads, kv heads
     "1b": dict(hidden=2048, intermediate=8192, layers=16, vocab=128256, heads=32, kv_heads=8),  # Llama-3.2-1B
     # many small tensors: each layer's MLP is 32 experts (gate/up/down of 128 x 256) and a plain router
     "moe-small": dict(hidden=256, intermediate=128, layers=4, vocab=8192, heads=4, kv_heads=2, experts=32),
+    "tiny": dict(hidden=64, intermediate=128, layers=1, vocab=128, heads=2, kv_heads=1),  # dry runs: the code path
 }
 STATES = {TRITON_DTYPES[dtype]: dtype for dtype in STATE_DTYPES}  # "bf16", "fp32"
 BACKEND_OF_PATH = {"kernel": "triton", "compiled": "compiled", "reference": "reference"}
+
+
+def random_tensor(shape, scale: float, gen: torch.Generator, dtype=torch.float32) -> torch.Tensor:
+    """Random values made on the generator's device (a 1B-parameter set takes seconds on one CPU thread)."""
+    return (torch.randn(shape, generator=gen, device=gen.device) * scale).to(dtype)
 
 
 def weight_shapes(cfg: dict) -> list[tuple[str, tuple[int, ...], bool]]:
@@ -101,29 +107,29 @@ class Arm:
         self.cpu_times.append(time.process_time() - cpu_start)
 
 
-def eco_arm(shapes, fmt_name, state_name, path, device, gen) -> Arm:
+def eco_arm(shapes, fmt_name, state_name, path, gen) -> Arm:
     fmt, state_dtype = format_from_tag(fmt_name), STATES[state_name]
     params, total_bytes = [], 0
     for _, shape, quantized in shapes:
-        w = (torch.randn(shape, generator=gen) * 0.02).to(device=device, dtype=torch.bfloat16)
+        w = random_tensor(shape, 0.02, gen, torch.bfloat16)
         if quantized:
             p = torch.nn.Parameter(eco.QuantizedTensor.from_float(w, fmt))
             total_bytes += kernels.step_bytes(fmt, shape, states=(state_name, state_name))
         else:
             p = torch.nn.Parameter(w)
             total_bytes += kernels.plain_step_bytes(w.numel(), param_dtype=torch.bfloat16, state_dtype=state_dtype)
-        p.grad = (torch.randn(shape, generator=gen) * 1e-3).to(device=device, dtype=torch.bfloat16)
+        p.grad = random_tensor(shape, 1e-3, gen, torch.bfloat16)
         params.append(p)
     opt = eco.AdamW(params, lr=1e-4, betas=(0.9, 0.98), eps=1e-9, weight_decay=0.1, rounding="stochastic",
                     state_dtype=state_dtype, seed=0, backend=BACKEND_OF_PATH[path])
     return Arm(f"eco/{fmt_name}/{state_name}/{path}", params, opt, total_bytes)
 
 
-def torch_arm(shapes, impl, device, gen) -> Arm:
+def torch_arm(shapes, impl, gen) -> Arm:
     params = []
     for _, shape, _ in shapes:
-        p = torch.nn.Parameter((torch.randn(shape, generator=gen) * 0.02).to(device))
-        p.grad = (torch.randn(shape, generator=gen) * 1e-3).to(device)
+        p = torch.nn.Parameter(random_tensor(shape, 0.02, gen))
+        p.grad = random_tensor(shape, 1e-3, gen)
         params.append(p)
     kwargs = {"foreach": True} if impl == "foreach" else {"fused": True}
     opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.98), eps=1e-9, weight_decay=0.1, **kwargs)
@@ -131,13 +137,13 @@ def torch_arm(shapes, impl, device, gen) -> Arm:
     return Arm(f"torch-{impl}", params, opt, 28 * n, "fp32 params, grads, states (fp32 master weights)")
 
 
-def bnb_arm(shapes, device, gen) -> Arm:
+def bnb_arm(shapes, gen) -> Arm:
     import bitsandbytes as bnb
 
     params = []
     for _, shape, _ in shapes:
-        p = torch.nn.Parameter((torch.randn(shape, generator=gen) * 0.02).to(device=device, dtype=torch.bfloat16))
-        p.grad = (torch.randn(shape, generator=gen) * 1e-3).to(device=device, dtype=torch.bfloat16)
+        p = torch.nn.Parameter(random_tensor(shape, 0.02, gen, torch.bfloat16))
+        p.grad = random_tensor(shape, 1e-3, gen, torch.bfloat16)
         params.append(p)
     opt = bnb.optim.AdamW8bit(params, lr=1e-4, betas=(0.9, 0.98), eps=1e-9, weight_decay=0.1)
     n = sum(p.numel() for p in params)
@@ -169,6 +175,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--formats", default=",".join(FORMAT_TAGS))
     parser.add_argument("--states", default=",".join(STATES))
+    parser.add_argument("--paths", default=None,
+                        help=f"eco paths, a subset of {list(BACKEND_OF_PATH)} (default: kernel and reference on "
+                             "CUDA, compiled and reference on CPU)")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads for torch (default 1: on a shared machine, a descheduled worker thread "
                              "stalls every op; the ratio between arms is taken at equal threads)")
@@ -181,7 +190,7 @@ def main(argv=None) -> dict:
     config_name = args.config or default_config
     shapes = weight_shapes(CONFIGS[config_name])
     n_params = sum(math.prod(s) for _, s, _ in shapes)
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator(device).manual_seed(0)
 
     paths = ["reference"]
     skipped = {}
@@ -193,17 +202,25 @@ def main(argv=None) -> dict:
             paths = ["compiled", "reference"]
         else:
             skipped["eco compiled path"] = f"not run: {compiled.unavailable_reason() or 'not a CPU device'}"
+    if args.paths is not None:
+        wanted = [p.strip() for p in args.paths.split(",") if p.strip()]
+        unknown = [p for p in wanted if p not in BACKEND_OF_PATH]
+        if unknown:
+            parser.error(f"unknown path(s) {unknown}; choose from {list(BACKEND_OF_PATH)}")
+        for path in set(paths) - set(wanted):
+            skipped[f"eco {path} path"] = "not asked for (--paths)"
+        paths = [p for p in paths if p in wanted]
     factories = []  # (name, build): arms are built lazily so that a GPU holds one parameter set at a time
     for impl in ("foreach", "fused"):
         if impl == "fused" and device.type != "cuda":
             skipped["torch-fused"] = "torch AdamW(fused=True) is timed on CUDA only"
             continue
-        factories.append(lambda impl=impl: torch_arm(shapes, impl, device, gen))
+        factories.append(lambda impl=impl: torch_arm(shapes, impl, gen))
     for fmt_name in args.formats.split(","):
         for state_name in args.states.split(","):
             for path in paths:
-                factories.append(lambda f=fmt_name, s=state_name, p=path: eco_arm(shapes, f, s, p, device, gen))
-    factories.append(lambda: bnb_arm(shapes, device, gen))
+                factories.append(lambda f=fmt_name, s=state_name, p=path: eco_arm(shapes, f, s, p, gen))
+    factories.append(lambda: bnb_arm(shapes, gen))
 
     def build_and_warm(factory):
         """The arm after its warm-up steps, or None (reason recorded) when it cannot run here."""

@@ -3,8 +3,8 @@
 Every function here updates its tensors in place, exactly as a fused kernel
 does. The compiled CPU path (``eco.compiled``) runs these very functions
 through ``torch.compile``; the Triton kernels (``eco.kernels``) mirror them.
-All three must give the same bits: /work/plan/states-contract.md (and the
-sections below) is the contract.
+All three must give the same bits: the sections below are the contract
+(docs/design.md gives the overview).
 
 Arithmetic is fp32 with every host scalar rounded to fp32 once (the
 ``*Scalars`` tuples below). Each line is one rounding, in the order written,

@@ -13,7 +13,9 @@ from the same saved checkpoint with the same data, learning rate and seed:
     int4-master     INT4 experts with an fp32 master copy (the baseline ECO removes)
     eco-nearest     ECO, round-to-nearest
     eco-stochastic  ECO, stochastic rounding
+    eco-stochastic-lowbit  ECO, stochastic rounding, 8-bit momentum + factored second moment
     naive           no master copy, no error feedback, round-to-nearest
+    naive-stochastic  no master copy, no error feedback, stochastic rounding
 
     python examples/moe_int4_finetune.py
 
@@ -45,7 +47,9 @@ ARMS = {
     "int4-master": dict(master_weights=True, rounding="nearest"),
     "eco-nearest": dict(rounding="nearest"),
     "eco-stochastic": dict(rounding="stochastic"),
+    "eco-stochastic-lowbit": dict(rounding="stochastic", momentum="8bit", second_moment="factored"),
     "naive": dict(error_feedback=False, rounding="nearest"),
+    "naive-stochastic": dict(error_feedback=False, rounding="stochastic"),
 }
 BASELINE_ARM = "int4-master"
 # Module names that hold experts: Mixtral/Qwen-MoE/OLMoE/DeepSeek ``experts``,
@@ -228,9 +232,12 @@ def finetune_arm(arm: str, load_model, train_tokens, eval_sets, args, device) ->
     print(f"  {arm}: {expert_params:,} of {total_params:,} parameters ({100 * expert_params / total_params:.1f}%) "
           f"are expert weights, now {quantized[0][1].fmt}")
     start_loss = evaluate(model, eval_sets, device)
+    options = dict(ARMS[arm])
+    if "momentum" not in options:  # an arm that names its state formats keeps them; the others take --state-dtype
+        options["state_dtype"] = args.state_dtype
     optimizer = eco.AdamW(
         model.parameters(), lr=args.lr, betas=(args.beta1, 0.98), eps=1e-9, weight_decay=args.weight_decay,
-        state_dtype=args.state_dtype, seed=args.seed, **ARMS[arm],
+        seed=args.seed, **options,
     )
     set_initial_lr(optimizer, args.lr)
     started = time.perf_counter()

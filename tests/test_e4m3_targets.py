@@ -24,6 +24,7 @@ from eco.kernels import e4m3
 from eco_bench.aot import TARGETS, KernelBuild, compile_builds
 
 BLOCK = 1024
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # compiled kernels take CUDA tensors; the interpreter CPU ones
 
 
 @triton.jit
@@ -46,13 +47,13 @@ def run_codec(x: torch.Tensor, r: torch.Tensor | None = None):
 
     ``r``: the 32 random bits per element of stochastic rounding (int32, read as uint32).
     """
-    x = x.float().contiguous()
-    r = torch.zeros(x.shape, dtype=torch.int32) if r is None else r.contiguous()
-    nearest = torch.empty(x.shape, dtype=torch.uint8)
-    stochastic = torch.empty(x.shape, dtype=torch.uint8)
+    x = x.float().contiguous().to(DEVICE)
+    r = torch.zeros(x.shape, dtype=torch.int32, device=DEVICE) if r is None else r.contiguous().to(DEVICE)
+    nearest = torch.empty(x.shape, dtype=torch.uint8, device=DEVICE)
+    stochastic = torch.empty(x.shape, dtype=torch.uint8, device=DEVICE)
     decoded = torch.empty_like(x)
     _codec_kernel[(triton.cdiv(x.numel(), BLOCK),)](x, r, nearest, decoded, stochastic, x.numel(), BLOCK=BLOCK)
-    return nearest, decoded, stochastic
+    return nearest.cpu(), decoded.cpu(), stochastic.cpu()
 
 
 def torch_codes(x: torch.Tensor) -> torch.Tensor:
@@ -74,8 +75,9 @@ def neighbour_midpoints() -> torch.Tensor:
 
 
 def test_decode_all_256_codes_matches_torch():
-    out = torch.empty(256)
-    _decode_only[(1,)](ALL_CODES, out, BLOCK=256)
+    out = torch.empty(256, device=DEVICE)
+    _decode_only[(1,)](ALL_CODES.to(DEVICE), out, BLOCK=256)
+    out = out.cpu()
     assert torch.equal(out[FINITE].view(torch.int32), ALL_VALUES[FINITE].view(torch.int32))  # -0.0 included
     assert out[~FINITE].isnan().all()
     assert torch.equal(torch.signbit(out[~FINITE]), torch.signbit(ALL_VALUES[~FINITE]))

@@ -140,3 +140,19 @@ def test_default_corpus_is_the_stdlib_source_split_by_file():
     assert 5 < len(train) / len(val) < 20  # every 10th file held out
     text = bytes(train[:200_000]).decode("utf-8", errors="replace")
     assert "def " in text and "import " in text
+
+
+def test_low_bit_state_arms_pass_their_state_formats():
+    cfg = B.BenchConfig(d_model=32, n_layers=1, n_heads=2, seq_len=16)
+    _, lowbit = B.build_arm("eco-sr-lowbit", cfg, seed=0, device=torch.device("cpu"))
+    _, named = B.build_arm("eco-sr:fp8/fp8", cfg, seed=0, device=torch.device("cpu"))
+    assert lowbit.state_dtype is None and lowbit.defaults["rounding"] == "stochastic"
+    assert lowbit.state_formats["exp_avg_sq"].name == "factored"
+    assert lowbit.state_formats["exp_avg"].name in ("int8", "fp8")
+    assert [named.state_formats[k].name for k in ("exp_avg", "exp_avg_sq")] == ["fp8", "fp8"]
+    assert B.arm_label("eco-sr:fp8/fp8", "fp8") == "FP8 ECO, SR, m/v fp8/fp8"
+    assert ("eco-sr-lowbit", 1) in B.plan_runs(dataclasses.replace(cfg, arms=("eco-sr-lowbit",), seeds=2))[0]
+    with pytest.raises(ValueError, match="momentum must be one of"):
+        B.run_benchmark(dataclasses.replace(cfg, arms=("eco-sr:int3/fp32",)))
+    with pytest.raises(ValueError, match="spelled eco-sr:M/V"):
+        B.run_benchmark(dataclasses.replace(cfg, arms=("eco-sr:int8",)))

@@ -20,11 +20,11 @@ def test_default_pipeline_at_toy_size(tmp_path, capsys):
     threads = torch.get_num_threads()
     try:
         results = example.main(TOY + ["--workdir", str(tmp_path / "work"), "--export", str(tmp_path / "out"),
-                                      "--arms", "int4-master,eco-stochastic,naive"])
+                                      "--arms", "int4-master,eco-stochastic,naive,eco-stochastic-lowbit"])
     finally:
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
-    assert [r["arm"] for r in results] == ["int4-master", "eco-stochastic", "naive"]
+    assert [r["arm"] for r in results] == ["int4-master", "eco-stochastic", "naive", "eco-stochastic-lowbit"]
     for arm in ("int4-master", "eco-stochastic", "naive"):
         assert arm in out
     assert "gap vs master" in out and "+0.00%" in out
@@ -35,6 +35,8 @@ def test_default_pipeline_at_toy_size(tmp_path, capsys):
     # Tensor-wise INT4 experts with fp32 moments: 0.5 (codes) + 8 (m, v), plus 4 for a master copy.
     assert by_arm["eco-stochastic"]["expert_report"].bytes_per_param == pytest.approx(8.5, abs=0.01)
     assert by_arm["int4-master"]["expert_report"].bytes_per_param == pytest.approx(12.5, abs=0.01)
+    # 8-bit m (a byte and a 128-element block scale) and a factored v (row and column sums per expert matrix).
+    assert 1.5 < by_arm["eco-stochastic-lowbit"]["expert_report"].bytes_per_param < 1.8
     # The exported ECO model loads into plain transformers and matches the compact reload.
     plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "eco-stochastic" / "bf16")
     assert plain.dtype == torch.bfloat16

@@ -1,7 +1,7 @@
 """Nothing lost to overflow (issue 14, items 1 and 2): a step either completes with finite values or changes nothing.
 
-The reasoning is in ``eco/reference.py``'s module docstring and
-/work/plan/states-contract.md: gradients are checked against
+The reasoning is in ``eco/reference.py``'s module docstring (and docs/design.md,
+"The step"): gradients are checked against
 ``GRAD_LIMIT`` in the optimizer's pre-step reduction, the coefficients on the
 host (``check_scalars``), and every value the step computes from inputs that
 pass is finite by construction (three saturating ``min``/``clamp``).
