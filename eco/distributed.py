@@ -20,6 +20,12 @@ have. All-gather inputs must still be equally long on every rank, so a short
 shard is padded here to the padded row count; that count is read from the
 buffer FSDP2 cut the shard from (``fully_shard`` allocates the padded shard with
 ``new_zeros`` and keeps a dim-0 prefix view of it as the local tensor).
+
+eco's optimizers step each rank's shards (:func:`local_view`): the backends
+get each shard's place in its whole tensor (offset of its first element, the
+whole shape, an all-reduce over the shards) and compute exactly the unsharded
+step's bits. States are ``DTensor`` s (:func:`allocate_state`), so DCP saves
+and reshards them like the parameters.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate
 
 from . import states
-from .qparam import _HANDLERS, QuantizedTensor, _alias, _view
+from .qparam import QuantizedTensor, _alias, _handles, _view
 from .states import StateFormat
 
 aten = torch.ops.aten
@@ -202,14 +208,6 @@ def all_ranks_agree(flag: bool, params) -> bool:
 def _one_scale(qt: QuantizedTensor) -> bool:
     """True when one scale covers all rows (tensor-wise INT4 on a 2-D weight): every row slice shares it."""
     return qt.fmt.tensorwise and qt.dim() == 2
-
-
-def _handles(*ops):
-    def register(fn):
-        for op in ops:
-            _HANDLERS[op] = fn
-        return fn
-    return register
 
 
 @_handles(aten.new_zeros.default, aten.new_empty.default)
