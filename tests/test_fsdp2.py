@@ -7,6 +7,8 @@ and returns what the tests below assert on.
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -168,6 +170,30 @@ def _check_sharded_step(rank, world_size, fmt, optimizer_cls, options, steps=3):
     return mismatches
 
 
+def _check_nan_on_one_rank(rank, world_size):
+    """A NaN in the last rank's shard of one gradient: every rank skips the step (nothing changes anywhere) and
+    counts it; the next finite step runs on every rank."""
+    from torch.distributed.tensor import DTensor
+
+    model = shard(quantized_net(FORMATS["int4-tensor"]))
+    opt = eco.AdamW(model.parameters(), lr=1e-2, seed=7)
+    before = {n: _bits(_values(p.to_local())).clone() for n, p in model.named_parameters()}
+    out = {}
+    for step, poisoned in enumerate((True, False)):
+        for name, p in model.named_parameters():
+            grad = torch.full(p.to_local().shape, 1e-2)
+            if poisoned and name == "inp.weight" and rank == world_size - 1:
+                grad[0, 0] = float("nan")
+            p.grad = DTensor.from_local(grad, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+        with warnings.catch_warnings(record=True):
+            warnings.simplefilter("always")
+            opt.step()
+        changed = [n for n, p in model.named_parameters()
+                   if not torch.equal(_bits(_values(p.to_local())), before[n])]
+        out[step] = dict(skipped=opt.skipped_steps, changed=changed, states=len(opt.state))
+    return out
+
+
 def _targets(rank: int) -> torch.Tensor:
     return torch.randn(4, 5, generator=torch.Generator().manual_seed(200 + rank))
 
@@ -237,6 +263,7 @@ def _fsdp_checks(rank, world_size):
             out[("step", fmt_name, name, rounding, states)] = _check_sharded_step(
                 rank, world_size, fmt, cls, dict(options, rounding=rounding, **STATE_FORMATS[states]))
     out[("e2e", True)] = _check_end_to_end(rank, world_size, FORMATS["fp8-row"], same_data=True)
+    out["nan"] = _check_nan_on_one_rank(rank, world_size)
     if world_size in FULL:
         out[("e2e", False)] = _check_end_to_end(rank, world_size, FORMATS["fp8-row"], same_data=False)
         out[("fwd_bwd", "int4-tensor", "bf16")] = _check_forward_backward(
@@ -313,6 +340,13 @@ def test_sharded_step_equals_unsharded_step_bit_for_bit(world_size, fmt_name, op
     whole) after 3 steps from the same gradients; 4 ranks hold empty shards (5 rows, 3 experts)."""
     for rank, result in enumerate(results(world_size)):
         assert result[("step", fmt_name, optimizer, rounding, states)] == [], rank
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_a_nan_on_one_rank_skips_the_step_on_every_rank(world_size):
+    for rank, result in enumerate(results(world_size)):
+        assert result["nan"][0] == dict(skipped=1, changed=[], states=0), rank
+        assert result["nan"][1]["skipped"] == 1 and result["nan"][1]["changed"], rank
 
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
