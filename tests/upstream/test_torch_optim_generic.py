@@ -318,9 +318,20 @@ def rosenbrock(tensor):
     return (1 - x) ** 2 + 100 * (y - x**2) ** 2
 
 
+def _states_round_stochastically(kwargs: dict) -> bool:
+    """Whether eco stores some optimizer state below fp32 (with stochastic rounding) under ``kwargs``."""
+    formats = [kwargs.get(k) for k in ("momentum", "second_moment", "momentum_state")]
+    return kwargs.get("state_dtype") == torch.bfloat16 or any(f not in (None, "fp32") for f in formats)
+
+
 @pytest.mark.parametrize("info", [pytest.param(i, id=_info_id(i)) for i in ALL_INFOS if i.supports_complex])
 def test_complex_2d(info):
     for optim_input in all_inputs(info, skip=("differentiable", "fused")):
+        if _states_round_stochastically(optim_input.kwargs):
+            # One complex parameter draws one rounding seed per step, its real and imaginary parts as two
+            # parameters draw two: stochastically rounded states differ by design (test_complex compares
+            # against the real view, which draws alike).
+            continue
         a1 = torch.randn(2, dtype=torch.complex64, requires_grad=True)
         a1_real = a1.real.detach().clone().requires_grad_()
         a1_imag = a1.imag.detach().clone().requires_grad_()
