@@ -3,6 +3,7 @@
 import torch as _torch
 
 from . import _transformers_hook
+from . import distributed as _distributed  # noqa: F401 - registers the FSDP2 ops of QuantizedTensor
 from .export import export, load_compact, save_checkpoint
 from .formats import FP8, INT4, QuantFormat
 from .memory import MemoryReport, memory_report

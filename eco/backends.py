@@ -56,22 +56,28 @@ class Backend(Protocol):
     rounding of their states from them). A state (``exp_avgs``, ...) is an
     fp32/bf16 tensor or an ``eco.reference.Moment`` (8-bit and factored
     formats). ``update_weight=False`` (a zero learning rate) updates the
-    moments only.
+    moments only. ``offsets``, ``full_shapes``, ``reduces`` (None: whole
+    tensors) say, per tensor, where a dim-0 shard sits in its whole tensor and
+    how to all-reduce across the shards (``eco.reference.step_``).
     """
 
     def adamw_steps_(self, codes: list, scales: list, grads: list, exp_avgs: list, exp_avg_sqs: list, masters: list,
                      *, fmt: QuantFormat, shapes: list, scalars: reference.AdamWScalars, rounding: str, seeds: list,
-                     update_weight: bool = True) -> None: ...
+                     update_weight: bool = True, offsets: list | None = None, full_shapes: list | None = None,
+                     reduces: list | None = None) -> None: ...
 
     def sgd_steps_(self, codes: list, scales: list, grads: list, momentum_bufs: list, masters: list, *,
                    fmt: QuantFormat, shapes: list, scalars: reference.SGDScalars, rounding: str, seeds: list,
-                   update_weight: bool = True) -> None: ...
+                   update_weight: bool = True, offsets: list | None = None, full_shapes: list | None = None,
+                   reduces: list | None = None) -> None: ...
 
     def plain_adamw_steps_(self, params: list, grads: list, exp_avgs: list, exp_avg_sqs: list, *,
-                           scalars: reference.AdamWScalars, seeds: list | None = None) -> None: ...
+                           scalars: reference.AdamWScalars, seeds: list | None = None, offsets: list | None = None,
+                           full_shapes: list | None = None, reduces: list | None = None) -> None: ...
 
     def plain_sgd_steps_(self, params: list, grads: list, momentum_bufs: list, *,
-                         scalars: reference.SGDScalars, seeds: list | None = None) -> None: ...
+                         scalars: reference.SGDScalars, seeds: list | None = None, offsets: list | None = None,
+                         full_shapes: list | None = None, reduces: list | None = None) -> None: ...
 
     def quantize(self, x: torch.Tensor, fmt: QuantFormat, rounding: str = "nearest",
                  seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]: ...

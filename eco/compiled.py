@@ -144,30 +144,36 @@ def plain_sgd_step_(param, grad, momentum_buf, **kwargs) -> None:
 
 @torch.no_grad()
 def adamw_steps_(codes, scales, grads, exp_avgs, exp_avg_sqs, masters, *, fmt, shapes, scalars, rounding, seeds,
-                 update_weight=True) -> None:
+                 update_weight=True, offsets=None, full_shapes=None, reduces=None) -> None:
     """:func:`eco.reference.adamw_steps_`, compiled."""
     _run(reference.adamw_steps_with, RUNNER, codes, scales, grads, exp_avgs, exp_avg_sqs, masters, fmt=fmt,
-         shapes=shapes, scalars=scalars, rounding=rounding, seeds=seeds, update_weight=update_weight)
+         shapes=shapes, scalars=scalars, rounding=rounding, seeds=seeds, update_weight=update_weight,
+         offsets=offsets, full_shapes=full_shapes, reduces=reduces)
 
 
 @torch.no_grad()
 def sgd_steps_(codes, scales, grads, momentum_bufs, masters, *, fmt, shapes, scalars, rounding, seeds,
-               update_weight=True) -> None:
+               update_weight=True, offsets=None, full_shapes=None, reduces=None) -> None:
     """:func:`eco.reference.sgd_steps_`, compiled."""
     _run(reference.sgd_steps_with, RUNNER, codes, scales, grads, momentum_bufs, masters, fmt=fmt, shapes=shapes,
-         scalars=scalars, rounding=rounding, seeds=seeds, update_weight=update_weight)
+         scalars=scalars, rounding=rounding, seeds=seeds, update_weight=update_weight, offsets=offsets,
+         full_shapes=full_shapes, reduces=reduces)
 
 
 @torch.no_grad()
-def plain_adamw_steps_(params, grads, exp_avgs, exp_avg_sqs, *, scalars, seeds=None) -> None:
+def plain_adamw_steps_(params, grads, exp_avgs, exp_avg_sqs, *, scalars, seeds=None, offsets=None, full_shapes=None,
+                       reduces=None) -> None:
     """:func:`eco.reference.plain_adamw_steps_`, compiled."""
-    _run(reference.plain_adamw_steps_with, RUNNER, params, grads, exp_avgs, exp_avg_sqs, scalars=scalars, seeds=seeds)
+    _run(reference.plain_adamw_steps_with, RUNNER, params, grads, exp_avgs, exp_avg_sqs, scalars=scalars, seeds=seeds,
+         offsets=offsets, full_shapes=full_shapes, reduces=reduces)
 
 
 @torch.no_grad()
-def plain_sgd_steps_(params, grads, momentum_bufs, *, scalars, seeds=None) -> None:
+def plain_sgd_steps_(params, grads, momentum_bufs, *, scalars, seeds=None, offsets=None, full_shapes=None,
+                     reduces=None) -> None:
     """:func:`eco.reference.plain_sgd_steps_`, compiled."""
-    _run(reference.plain_sgd_steps_with, RUNNER, params, grads, momentum_bufs, scalars=scalars, seeds=seeds)
+    _run(reference.plain_sgd_steps_with, RUNNER, params, grads, momentum_bufs, scalars=scalars, seeds=seeds,
+         offsets=offsets, full_shapes=full_shapes, reduces=reduces)
 
 
 #: quantize/dequantize outside a step (a model's forward, ``quantize_``) run the eager reference

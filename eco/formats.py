@@ -108,8 +108,8 @@ class QuantFormat:
 
     def grouped(self, x: torch.Tensor) -> torch.Tensor:
         """View ``x`` as ``[n_groups, group_elems]`` in the order of the flattened scales."""
-        if self.tensorwise:
-            return x.reshape(-1, x.shape[-2] * x.shape[-1])
+        if self.tensorwise:  # leading dims spelled out: a matrix of no rows (an empty shard) is one empty group
+            return x.reshape(x.shape[:-2].numel(), x.shape[-2] * x.shape[-1])
         return x.reshape(-1, self.group_size or x.shape[-1])
 
     def code_shape(self, shape) -> tuple[int, ...]:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from .distributed import local_tensor
 from .qparam import QuantizedTensor
 
 # Row order of the printed table.
@@ -74,7 +75,10 @@ def storage_key(t: torch.Tensor) -> tuple:
 
 
 def memory_report(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> MemoryReport:
-    """Count the bytes of weights (codes, scales, unquantized params) and optimizer state."""
+    """Count the bytes of weights (codes, scales, unquantized params) and optimizer state.
+
+    Of a sharded model (FSDP2: ``DTensor`` parameters and states), the bytes and parameters of this rank's shards.
+    """
     seen: set = set()
     report = MemoryReport(num_params=0)
 
@@ -85,19 +89,21 @@ def memory_report(model: nn.Module, optimizer: torch.optim.Optimizer | None = No
         seen.add(key)
         report.bytes_by_kind[kind] = report.bytes_by_kind.get(kind, 0) + t.untyped_storage().nbytes()
 
-    params = list(dict.fromkeys(model.parameters()))
-    for p in params:
+    for param in dict.fromkeys(model.parameters()):
+        p = local_tensor(param)
         report.num_params += p.numel()
         if isinstance(p, QuantizedTensor):
             add("weight codes", p.codes)
             add("weight scales", p.scales)
         else:
             add("unquantized params", p)
-        if p.grad is not None:
-            report.gradient_bytes += p.grad.numel() * p.grad.element_size()
+        if param.grad is not None:
+            grad = local_tensor(param.grad)
+            report.gradient_bytes += grad.numel() * grad.element_size()
     if optimizer is not None:
         for state in optimizer.state.values():
             for key, value in state.items():
+                value = local_tensor(value)
                 if isinstance(value, torch.Tensor) and (value.numel() > 1 or key in _STATE_KIND):
                     add(_STATE_KIND.get(key, "other optimizer state"), value)
     return report

@@ -56,7 +56,7 @@ from copy import deepcopy
 
 import torch
 
-from . import backends, reference, release, states
+from . import backends, distributed, reference, release, states
 from .formats import STATE_DTYPES, check_rounding
 from .qparam import QuantizedTensor
 
@@ -120,6 +120,39 @@ _IMPLEMENTATION_OPTIONS = ("foreach", "fused", "capturable", "differentiable")
 
 #: set on the nn.Parameter that ``eco.quantize_`` replaced (eco/qparam.py)
 _REPLACED_MARK = "_eco_replaced_by_quantize"
+
+
+_GROUP_ENTRIES = ("eco_generator_state", "eco_skipped_steps")
+
+
+def _eco_entries_lifted(state_dict: dict) -> dict:
+    """``state_dict`` with eco's entries taken out of its param groups to the top level (where state_dicts
+    saved before they moved into the groups have them)."""
+    groups = [dict(group) for group in state_dict["param_groups"]]
+    out = {**state_dict, "param_groups": groups}
+    if any("eco_formats" in group for group in groups):
+        out["eco_formats"] = [fmt for group in groups
+                              for fmt in group.pop("eco_formats", [None] * len(group["params"]))]
+    for group in reversed(groups):  # the same in every group; the first one's is kept
+        for key in _GROUP_ENTRIES:
+            if key in group:
+                out[key] = group.pop(key)
+    return out
+
+
+def _is_quantized(p: torch.Tensor) -> bool:
+    """Whether ``p`` is a quantized weight (of a ``DTensor``: whether its shards are)."""
+    return isinstance(distributed.local_tensor(p), QuantizedTensor)
+
+
+def _shard_kwargs(params: list) -> dict:
+    """The per-tensor ``offsets``/``full_shapes``/``reduces`` of a backend call when some of ``params`` are
+    shards (``distributed.local_view``); nothing for whole tensors."""
+    if not any(distributed.is_shard(p) for p in params):
+        return {}
+    return dict(offsets=[distributed.shard_offset(p) for p in params],
+                full_shapes=[distributed.shard_full_shape(p) for p in params],
+                reduces=[distributed.shard_reduce(p) for p in params])
 
 
 def _real(t: torch.Tensor) -> torch.Tensor:
@@ -270,12 +303,12 @@ class _ECOOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------ state
     def _state_layout(self, p: torch.Tensor, group: dict) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Shape and dtype of each state tensor of ``p``: what a fresh state holds and a saved one must match."""
-        shape = _real(p).shape  # complex: the real view's
+        shape = _real(p).shape  # complex: the real view's; a DTensor's: the whole tensor's
         layout = {}
         for name in self.moment_names:
             fmt = self._moment_format(name, shape)
             layout.update(zip(fmt.keys(name), zip(fmt.shapes(shape), fmt.dtypes, strict=True), strict=True))
-        if isinstance(p, QuantizedTensor) and group["master_weights"]:
+        if _is_quantized(p) and group["master_weights"]:
             layout["master"] = (tuple(shape), torch.float32)
         return layout
 
@@ -292,16 +325,22 @@ class _ECOOptimizer(torch.optim.Optimizer):
             out.append(reference.Moment(fmt, tuple(state[k] for k in fmt.keys(name))))
         return out
 
+    def _steps_whole(self, p: torch.Tensor) -> bool:
+        """Whether each rank steps all of sharded ``p`` (``distributed.steps_whole``)."""
+        shape = _real(p).shape
+        return distributed.steps_whole(p, shape, [self._moment_format(name, shape) for name in self.moment_names])
+
     def _state_for(self, p: torch.Tensor, group: dict) -> dict:
         state = self.state[p]
         if not state:
             state["step"] = 0
             shape = _real(p).shape
+            whole = self._steps_whole(p)
             for name in self.moment_names:
                 fmt = self._moment_format(name, shape)
-                state.update(zip(fmt.keys(name), fmt.allocate(shape, p.device), strict=True))
-            if isinstance(p, QuantizedTensor) and group["master_weights"]:
-                state["master"] = p.dequantize(torch.float32)
+                state.update(zip(fmt.keys(name), distributed.allocate_state(fmt, p, shape, whole), strict=True))
+            if _is_quantized(p) and group["master_weights"]:
+                state["master"] = distributed.shardwise(p, lambda w: w.dequantize(torch.float32))
         return state
 
     def _check_state(self, p: torch.Tensor, group: dict) -> None:
@@ -357,7 +396,7 @@ class _ECOOptimizer(torch.optim.Optimizer):
                         "(for nn.Embedding, sparse=False)"
                     )
                 self._check_state(p, resolved)
-                work.append((resolved, p, backends.select(self.backend, p)))
+                work.append((resolved, p, backends.select(self.backend, distributed.local_tensor(p))))
         return work
 
     @torch.no_grad()
@@ -390,7 +429,8 @@ class _ECOOptimizer(torch.optim.Optimizer):
     def _problem(self, work: list) -> str | None:
         """Why the step of ``work`` must change nothing, or None: a gradient that is not finite or whose
         square overflows fp32, or coefficients that overflow fp32 (``reference.check_scalars``)."""
-        if not _gradients_in_range([_real(p.grad) for _, p, _ in work]):
+        in_range = _gradients_in_range([_real(distributed.local_tensor(p.grad)) for _, p, _ in work])
+        if not distributed.all_ranks_agree(in_range, [p for _, p, _ in work]):  # a shard's NaN skips every rank
             return "non-finite gradients (NaN, inf, or a magnitude of 2**63 or more, whose square overflows fp32)"
         reason = self._scalars_problem(work)
         return None if reason is None else f"coefficients that overflow fp32 ({reason})"
@@ -398,7 +438,7 @@ class _ECOOptimizer(torch.optim.Optimizer):
     def _draws_seed(self, p: torch.Tensor, group: dict) -> bool:
         """Whether stepping ``p`` draws a seed from the generator (the order of draws is the order of steps):
         a quantized weight rounded stochastically, or any state format stored with stochastic rounding."""
-        if isinstance(p, QuantizedTensor) and group["rounding"] == "stochastic":
+        if _is_quantized(p) and group["rounding"] == "stochastic":
             return True
         shape = _real(p).shape
         return any(self._moment_format(name, shape).stochastic for name in self.moment_names)
@@ -415,10 +455,12 @@ class _ECOOptimizer(torch.optim.Optimizer):
         for group, p, backend in work:
             state = self._state_for(p, group)
             state["step"] += 1
-            moments = self._moments(p, state)
             seed = None
             if self._draws_seed(p, group):
                 seed = seeds[p] if seeds is not None and p in seeds else self._next_seed()
+            # this rank's shards (FSDP2); a shard of no rows is stepped too: its reductions pair with the others'
+            p, state = distributed.local_view(p, self._steps_whole(p)), distributed.local_state(state)
+            moments = self._moments(p, state)
             formats = tuple(mo.fmt for mo in moments)
             if isinstance(p, QuantizedTensor):
                 key = (backend.__name__, id(group), state["step"], formats, p.fmt)
@@ -431,13 +473,14 @@ class _ECOOptimizer(torch.optim.Optimizer):
             self._step_quantized(backend, *(list(x) for x in zip(*items, strict=True)), group, step)
         for backend, group, step, items in plain_batches.values():
             self._step_plain(backend, *(list(x) for x in zip(*items, strict=True)), group, step)
+            distributed.write_back(p for p, *_ in items)  # a whole-stepped sharded 1-D parameter
 
     def _scalars_problem(self, work: list) -> str | None:
         """Why some parameter's coefficients this step cannot run in fp32 (``reference.check_scalars``), or None."""
         seen = set()
         for group, p, _ in work:
             step = self.state[p]["step"] + 1 if self.state.get(p) else 1
-            inject = _injects(group) and isinstance(p, QuantizedTensor)  # plain parameters inject nothing
+            inject = _injects(group) and _is_quantized(p)  # plain parameters inject nothing
             if (id(group), step, inject) not in seen:
                 seen.add((id(group), step, inject))
                 problem = reference.check_scalars(self._scalars(group, step, inject=inject))
@@ -448,7 +491,7 @@ class _ECOOptimizer(torch.optim.Optimizer):
     def _quantized_kwargs(self, params: list, param_states: list, seeds: list, group: dict) -> dict:
         return dict(
             masters=[st.get("master") for st in param_states], fmt=params[0].fmt, shapes=[p.shape for p in params],
-            rounding=group["rounding"], seeds=seeds, update_weight=group["lr"] != 0.0,
+            rounding=group["rounding"], seeds=seeds, update_weight=group["lr"] != 0.0, **_shard_kwargs(params),
         )
 
     def _step_quantized(self, backend, params, param_states, seeds, moments, group, step):  # pragma: no cover
@@ -461,10 +504,17 @@ class _ECOOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------ state_dict
     def state_dict(self) -> dict:
+        """torch's state_dict; eco's own entries ride in the param groups, the part of an optimizer state_dict
+        that ``torch.distributed.checkpoint.state_dict`` keeps (it drops other top-level keys): each group lists
+        the format of each of its parameters (``eco_formats``) and holds the rounding generator's state and the
+        skipped-step count (the same in every group: a group's entry does not depend on its position)."""
         sd = super().state_dict()
-        sd["eco_generator_state"] = self.generator.get_state()
-        sd["eco_formats"] = self._formats()
-        sd["eco_skipped_steps"] = self.skipped_steps
+        formats = iter(self._formats())
+        generator_state = self.generator.get_state()
+        for group in sd["param_groups"]:
+            group["eco_formats"] = [next(formats) for _ in group["params"]]
+            group["eco_generator_state"] = generator_state
+            group["eco_skipped_steps"] = self.skipped_steps
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -484,6 +534,7 @@ class _ECOOptimizer(torch.optim.Optimizer):
             result = pre_hook(self, state_dict)
             if result is not None:
                 state_dict = result
+        state_dict = _eco_entries_lifted(state_dict)
         generator_state = state_dict.pop("eco_generator_state", None)
         skipped = state_dict.pop("eco_skipped_steps", 0)
         formats = state_dict.pop("eco_formats", None)
@@ -571,11 +622,12 @@ class _ECOOptimizer(torch.optim.Optimizer):
 
     @staticmethod
     def _check_finite_states(state: dict) -> None:
-        tensors = [(p, k, v) for p, st in state.items() if isinstance(p, torch.Tensor)
+        tensors = [(p, k, distributed.local_tensor(v)) for p, st in state.items() if isinstance(p, torch.Tensor)
                    for k, v in st.items() if isinstance(v, torch.Tensor) and v.is_floating_point()]
-        if _all_finite([v for _, _, v in tensors]):
+        finite = _all_finite([v for _, _, v in tensors])
+        if distributed.all_ranks_agree(finite, list(state)):  # every rank refuses, or none
             return
-        bad = next(k for _, k, v in tensors if not _all_finite([v]))
+        bad = next((k for _, k, v in tensors if not _all_finite([v])), "(on another rank)")
         raise ValueError(
             f"a saved {bad!r} state holds NaN or inf: stepping from it would write NaN or zeros into the weights. "
             "Resume from an earlier checkpoint. Nothing was loaded."
@@ -586,8 +638,8 @@ class _ECOOptimizer(torch.optim.Optimizer):
 
     def _formats(self) -> list:
         """The quantization format of every parameter, in param-group order (None: unquantized)."""
-        return [p.fmt.config() if isinstance(p, QuantizedTensor) else None
-                for g in self.param_groups for p in g["params"]]
+        shards = [distributed.local_tensor(p) for g in self.param_groups for p in g["params"]]
+        return [p.fmt.config() if isinstance(p, QuantizedTensor) else None for p in shards]
 
     def _saved_id_to_param(self, state_dict: dict) -> dict:
         saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
@@ -686,7 +738,7 @@ class AdamW(_ECOOptimizer):
         m, v = zip(*moments, strict=True)
         backend.plain_adamw_steps_(
             [_real(p) for p in params], [_real(p.grad) for p in params], list(m), list(v),
-            scalars=self._scalars(group, step, inject=False), seeds=seeds,
+            scalars=self._scalars(group, step, inject=False), seeds=seeds, **_shard_kwargs(params),
         )
 
 
@@ -755,4 +807,4 @@ class SGD(_ECOOptimizer):
     def _step_plain(self, backend, params, param_states, seeds, moments, group, step):
         backend.plain_sgd_steps_([_real(p) for p in params], [_real(p.grad) for p in params],
                                  [mo[0] for mo in moments], scalars=self._scalars(group, inject=False),
-                                 seeds=seeds)
+                                 seeds=seeds, **_shard_kwargs(params))

@@ -226,6 +226,17 @@ class QuantizedTensor(torch.Tensor):
             out.requires_grad_(self.requires_grad)
         return out
 
+    # FSDP2 looks these up on a shard (``fully_shard``): gather codes and scales, not dequantized values
+    def fsdp_pre_all_gather(self, mesh):
+        from .distributed import fsdp_pre_all_gather
+
+        return fsdp_pre_all_gather(self, mesh)
+
+    def fsdp_post_all_gather(self, all_gather_outputs, metadata, param_dtype, *, out=None):
+        from .distributed import fsdp_post_all_gather
+
+        return fsdp_post_all_gather(self, all_gather_outputs, metadata, param_dtype, out=out)
+
     @classmethod
     @torch._disable_dynamo  # runs eagerly (or is traced by AOTAutograd), never compiled as a frame of its own
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):

@@ -371,7 +371,7 @@ def _finalize_factored_(v: tuple, row_q, col_q, total_q, fixed_point, k: AdamWSc
     def mean_of(q, count: float, up):
         return (((q.to(torch.float32) * 2.0**-bits) / (one * np.float32(count))) * up) * up
 
-    row_mean = mean_of(row_q.reshape(n, -1), cols, scale_up).reshape(row.shape)
+    row_mean = mean_of(row_q.reshape(n, row.shape[-1]), cols, scale_up).reshape(row.shape)  # n = 0: no experts
     col_mean = mean_of(col_q, rows, scale_up)
     total_mean = mean_of(total_q, rows * cols, fixed_point[1])
     for state, new in ((row, row_mean), (col, col_mean), (mean, total_mean)):
@@ -537,7 +537,7 @@ def step_(name: str, weight: torch.Tensor, scales: torch.Tensor | None, grad: to
     if two_pass:  # what every piece wrote; also a shard with no rows holds its matrix's scale
         scale_rows.copy_(fmt.scale_pair(absmax)[0])
     if factored:
-        total_q = row_q.view(n_mats, -1).sum(dim=1)
+        total_q = row_q.view(n_mats, lay.matrix_rows).sum(dim=1)  # n_mats may be 0 (a shard of no experts)
         if reduce is not None:
             reduce(col_q, "sum")
             reduce(total_q, "sum")
@@ -595,54 +595,80 @@ def plain_sgd_step_(param: torch.Tensor, grad: torch.Tensor, momentum_buf, *, sc
           fmt=None, shape=param.shape, seed=seed, offset=offset, reduce=reduce, full_shape=full_shape, runner=runner)
 
 
-def plain_adamw_steps_(params, grads, exp_avgs, exp_avg_sqs, *, scalars: AdamWScalars, seeds=None) -> None:
-    """:func:`plain_adamw_step_` for each tensor (the kernels launch many small tensors at once)."""
-    plain_adamw_steps_with(EAGER, params, grads, exp_avgs, exp_avg_sqs, scalars=scalars, seeds=seeds)
+def plain_adamw_steps_(params, grads, exp_avgs, exp_avg_sqs, *, scalars: AdamWScalars, seeds=None, offsets=None,
+                       full_shapes=None, reduces=None) -> None:
+    """:func:`plain_adamw_step_` for each tensor (the kernels launch many small tensors at once).
+
+    ``offsets``, ``full_shapes``, ``reduces`` (lists, or None for whole tensors): per tensor, as the single
+    step's ``offset``, ``full_shape``, ``reduce`` (dim-0 shards, FSDP2). Likewise in the other batched steps.
+    """
+    plain_adamw_steps_with(EAGER, params, grads, exp_avgs, exp_avg_sqs, scalars=scalars, seeds=seeds,
+                           offsets=offsets, full_shapes=full_shapes, reduces=reduces)
 
 
-def plain_sgd_steps_(params, grads, momentum_bufs, *, scalars: SGDScalars, seeds=None) -> None:
+def plain_sgd_steps_(params, grads, momentum_bufs, *, scalars: SGDScalars, seeds=None, offsets=None,
+                     full_shapes=None, reduces=None) -> None:
     """:func:`plain_sgd_step_` for each tensor."""
-    plain_sgd_steps_with(EAGER, params, grads, momentum_bufs, scalars=scalars, seeds=seeds)
+    plain_sgd_steps_with(EAGER, params, grads, momentum_bufs, scalars=scalars, seeds=seeds, offsets=offsets,
+                         full_shapes=full_shapes, reduces=reduces)
 
 
 def adamw_steps_(codes, scales, grads, exp_avgs, exp_avg_sqs, masters, *, fmt: QuantFormat, shapes,
-                 scalars: AdamWScalars, rounding: str, seeds, update_weight: bool = True) -> None:
+                 scalars: AdamWScalars, rounding: str, seeds, update_weight: bool = True, offsets=None,
+                 full_shapes=None, reduces=None) -> None:
     """:func:`adamw_step_` for each weight (one format; per-weight shapes, seeds, masters that may be None)."""
     adamw_steps_with(EAGER, codes, scales, grads, exp_avgs, exp_avg_sqs, masters, fmt=fmt, shapes=shapes,
-                     scalars=scalars, rounding=rounding, seeds=seeds, update_weight=update_weight)
+                     scalars=scalars, rounding=rounding, seeds=seeds, update_weight=update_weight, offsets=offsets,
+                     full_shapes=full_shapes, reduces=reduces)
 
 
 def sgd_steps_(codes, scales, grads, momentum_bufs, masters, *, fmt: QuantFormat, shapes, scalars: SGDScalars,
-               rounding: str, seeds, update_weight: bool = True) -> None:
+               rounding: str, seeds, update_weight: bool = True, offsets=None, full_shapes=None,
+               reduces=None) -> None:
     """:func:`sgd_step_` for each weight."""
     sgd_steps_with(EAGER, codes, scales, grads, momentum_bufs, masters, fmt=fmt, shapes=shapes, scalars=scalars,
-                   rounding=rounding, seeds=seeds, update_weight=update_weight)
+                   rounding=rounding, seeds=seeds, update_weight=update_weight, offsets=offsets,
+                   full_shapes=full_shapes, reduces=reduces)
 
 
-def plain_adamw_steps_with(runner: Runner, params, grads, exp_avgs, exp_avg_sqs, *, scalars, seeds=None) -> None:
+def shard_arguments(n: int, offsets=None, full_shapes=None, reduces=None) -> list[dict]:
+    """The ``offset``/``full_shape``/``reduce`` of each of ``n`` tensors of a batched step (defaults: whole)."""
+    return [dict(offset=o, full_shape=f, reduce=r)
+            for o, f, r in zip(offsets or [0] * n, full_shapes or [None] * n, reduces or [None] * n, strict=True)]
+
+
+def plain_adamw_steps_with(runner: Runner, params, grads, exp_avgs, exp_avg_sqs, *, scalars, seeds=None,
+                           offsets=None, full_shapes=None, reduces=None) -> None:
     """:func:`plain_adamw_steps_` computing its pieces with ``runner`` (``eco.compiled`` passes its own)."""
-    for p, g, m, v, seed in zip(params, grads, exp_avgs, exp_avg_sqs, seeds or [None] * len(params), strict=True):
-        plain_adamw_step_(p, g, m, v, scalars=scalars, seed=seed, runner=runner)
+    where = shard_arguments(len(params), offsets, full_shapes, reduces)
+    for p, g, m, v, seed, at in zip(params, grads, exp_avgs, exp_avg_sqs, seeds or [None] * len(params), where,
+                                    strict=True):
+        plain_adamw_step_(p, g, m, v, scalars=scalars, seed=seed, runner=runner, **at)
 
 
-def plain_sgd_steps_with(runner: Runner, params, grads, momentum_bufs, *, scalars, seeds=None) -> None:
-    for p, g, m, seed in zip(params, grads, momentum_bufs, seeds or [None] * len(params), strict=True):
-        plain_sgd_step_(p, g, m, scalars=scalars, seed=seed, runner=runner)
+def plain_sgd_steps_with(runner: Runner, params, grads, momentum_bufs, *, scalars, seeds=None, offsets=None,
+                         full_shapes=None, reduces=None) -> None:
+    where = shard_arguments(len(params), offsets, full_shapes, reduces)
+    for p, g, m, seed, at in zip(params, grads, momentum_bufs, seeds or [None] * len(params), where, strict=True):
+        plain_sgd_step_(p, g, m, scalars=scalars, seed=seed, runner=runner, **at)
 
 
 def adamw_steps_with(runner: Runner, codes, scales, grads, exp_avgs, exp_avg_sqs, masters, *, fmt, shapes, scalars,
-                     rounding, seeds, update_weight=True) -> None:
-    for c, s, g, m, v, w, shape, seed in zip(codes, scales, grads, exp_avgs, exp_avg_sqs, masters, shapes, seeds,
-                                             strict=True):
+                     rounding, seeds, update_weight=True, offsets=None, full_shapes=None, reduces=None) -> None:
+    where = shard_arguments(len(codes), offsets, full_shapes, reduces)
+    for c, s, g, m, v, w, shape, seed, at in zip(codes, scales, grads, exp_avgs, exp_avg_sqs, masters, shapes, seeds,
+                                                 where, strict=True):
         adamw_step_(c, s, g, m, v, w, fmt=fmt, shape=shape, scalars=scalars, rounding=rounding, seed=seed,
-                    update_weight=update_weight, runner=runner)
+                    update_weight=update_weight, runner=runner, **at)
 
 
 def sgd_steps_with(runner: Runner, codes, scales, grads, momentum_bufs, masters, *, fmt, shapes, scalars, rounding,
-                   seeds, update_weight=True) -> None:
-    for c, s, g, m, w, shape, seed in zip(codes, scales, grads, momentum_bufs, masters, shapes, seeds, strict=True):
+                   seeds, update_weight=True, offsets=None, full_shapes=None, reduces=None) -> None:
+    where = shard_arguments(len(codes), offsets, full_shapes, reduces)
+    for c, s, g, m, w, shape, seed, at in zip(codes, scales, grads, momentum_bufs, masters, shapes, seeds, where,
+                                              strict=True):
         sgd_step_(c, s, g, m, w, fmt=fmt, shape=shape, scalars=scalars, rounding=rounding, seed=seed,
-                  update_weight=update_weight, runner=runner)
+                  update_weight=update_weight, runner=runner, **at)
 
 
 def quantize(x: torch.Tensor, fmt: QuantFormat, rounding: str = "nearest",

@@ -67,6 +67,8 @@ def _job(weight, scales, grad, m, v, master, shape, seed, *, stochastic_weight: 
     v = reference.as_moment(v) if v is not None else None
     needs_seed = stochastic_weight or m.fmt.stochastic or (v is not None and v.fmt.stochastic)
     seed = reference._resolve_seed(seed) if needs_seed else None
+    if len(shape) != 2:
+        reduce = None  # as reference.step_: a dim-0 shard of stacked matrices (experts) holds whole matrices
     return _Job(weight, scales, grad.reshape(shape), m, v, master, torch.Size(shape), seed, offset, reduce,
                 full_shape)
 
@@ -272,14 +274,17 @@ def _check_quantized(codes, scales, fmt, shape):
     contiguous("scales", scales, written=True)
 
 
-def _quantized_jobs(fmt, rounding, update_weight, codes, scales, grads, ms, vs, masters, shapes, seeds, **extra):
+def _quantized_jobs(fmt, rounding, update_weight, codes, scales, grads, ms, vs, masters, shapes, seeds, offsets=None,
+                    full_shapes=None, reduces=None):
     check_rounding(rounding)
     check_has_kernel(fmt)
     jobs = []
-    for c, s, g, m, v, w, shape, seed in zip(codes, scales, grads, ms, vs, masters, shapes, seeds, strict=True):
+    where = reference.shard_arguments(len(codes), offsets, full_shapes, reduces)
+    for c, s, g, m, v, w, shape, seed, at in zip(codes, scales, grads, ms, vs, masters, shapes, seeds, where,
+                                                 strict=True):
         fmt.check_shape(shape)
         jobs.append(_job(c, s, contiguous("grad", g, written=False), m, v, w, shape, seed,
-                         stochastic_weight=update_weight and rounding == "stochastic", **extra))
+                         stochastic_weight=update_weight and rounding == "stochastic", **at))
     return jobs
 
 
@@ -293,7 +298,7 @@ def adamw_step_(
     """:func:`eco.reference.adamw_step_` as one fused kernel (two launches for row/tensor scales; two more for a
     factored second moment). ``offset``, ``full_shape``, ``reduce``: a dim-0 shard of a larger tensor."""
     jobs = _quantized_jobs(fmt, rounding, update_weight, [codes], [scales], [grad], [exp_avg], [exp_avg_sq],
-                           [master], [shape], [seed], offset=offset, reduce=reduce, full_shape=full_shape)
+                           [master], [shape], [seed], [offset], [full_shape], [reduce])
     _run_single("adamw", fmt, jobs[0], scalars, rounding, update_weight)
 
 
@@ -305,7 +310,7 @@ def sgd_step_(
 ) -> None:
     """:func:`eco.reference.sgd_step_` as one fused kernel (two launches for row/tensor scales)."""
     jobs = _quantized_jobs(fmt, rounding, update_weight, [codes], [scales], [grad], [momentum_buf], [None],
-                           [master], [shape], [seed], offset=offset, reduce=reduce, full_shape=full_shape)
+                           [master], [shape], [seed], [offset], [full_shape], [reduce])
     _run_single("sgd", fmt, jobs[0], scalars, rounding, update_weight)
 
 
@@ -324,25 +329,29 @@ def _run_single(optimizer, fmt, job, scalars, rounding, update_weight=True):
 
 @torch.no_grad()
 def adamw_steps_(codes, scales, grads, exp_avgs, exp_avg_sqs, masters, *, fmt: QuantFormat, shapes,
-                 scalars: reference.AdamWScalars, rounding: str, seeds, update_weight: bool = True) -> None:
+                 scalars: reference.AdamWScalars, rounding: str, seeds, update_weight: bool = True, offsets=None,
+                 full_shapes=None, reduces=None) -> None:
     """:func:`adamw_step_` for many weights of one format with the same scalars (lists; ``masters`` may hold None).
 
     Small weights (at most ``launcher.MULTI_TENSOR_MAX_NUMEL`` elements, last
     dimension a multiple of 16, contiguous 16-byte aligned tensors) with the
     same state formats and dtypes share one launch (two for row/tensor
-    scales); the others get their own. Bit for bit the results of one
-    :func:`adamw_step_` per weight.
+    scales); the others get their own, shards (``offsets``/``full_shapes``/``reduces``) too. Bit for bit the
+    results of one :func:`adamw_step_` per weight.
     """
     _run("adamw", fmt, _quantized_jobs(fmt, rounding, update_weight, codes, scales, grads, exp_avgs, exp_avg_sqs,
-                                       masters, shapes, seeds), scalars, rounding, update_weight)
+                                       masters, shapes, seeds, offsets, full_shapes, reduces),
+         scalars, rounding, update_weight)
 
 
 @torch.no_grad()
 def sgd_steps_(codes, scales, grads, momentum_bufs, masters, *, fmt: QuantFormat, shapes,
-               scalars: reference.SGDScalars, rounding: str, seeds, update_weight: bool = True) -> None:
+               scalars: reference.SGDScalars, rounding: str, seeds, update_weight: bool = True, offsets=None,
+               full_shapes=None, reduces=None) -> None:
     """:func:`sgd_step_` for many weights of one format with the same scalars, grouped as :func:`adamw_steps_`."""
     _run("sgd", fmt, _quantized_jobs(fmt, rounding, update_weight, codes, scales, grads, momentum_bufs,
-                                     [None] * len(codes), masters, shapes, seeds), scalars, rounding, update_weight)
+                                     [None] * len(codes), masters, shapes, seeds, offsets, full_shapes, reduces),
+         scalars, rounding, update_weight)
 
 
 # ---------------------------------------------------------------- the codec
@@ -463,10 +472,11 @@ def _plain_run(optimizer: str, jobs: list[_Job], scalars) -> None:
         _run(optimizer, None, others, scalars, "nearest")
 
 
-def _plain_jobs(params, grads, ms, vs, seeds, **extra) -> list[_Job]:
+def _plain_jobs(params, grads, ms, vs, seeds, offsets=None, full_shapes=None, reduces=None) -> list[_Job]:
+    where = reference.shard_arguments(len(params), offsets, full_shapes, reduces)
     return [_job(p, None, contiguous("grad", g, written=False), m, v, None, p.shape, seed, stochastic_weight=False,
-                 **extra)
-            for p, g, m, v, seed in zip(params, grads, ms, vs, seeds or [None] * len(params), strict=True)]
+                 **at)
+            for p, g, m, v, seed, at in zip(params, grads, ms, vs, seeds or [None] * len(params), where, strict=True)]
 
 
 @torch.no_grad()
@@ -474,8 +484,7 @@ def plain_adamw_step_(param: torch.Tensor, grad: torch.Tensor, exp_avg, exp_avg_
                       scalars: reference.AdamWScalars, seed: int | None = None, offset: int = 0,
                       reduce: reference.Reduce | None = None, full_shape=None) -> None:
     """:func:`eco.reference.plain_adamw_step_` as a kernel."""
-    job = _plain_jobs([param], [grad], [exp_avg], [exp_avg_sq], [seed], offset=offset, reduce=reduce,
-                      full_shape=full_shape)[0]
+    job = _plain_jobs([param], [grad], [exp_avg], [exp_avg_sq], [seed], [offset], [full_shape], [reduce])[0]
     _plain_one("adamw", job, scalars)
 
 
@@ -484,8 +493,7 @@ def plain_sgd_step_(param: torch.Tensor, grad: torch.Tensor, momentum_buf, *, sc
                     seed: int | None = None, offset: int = 0, reduce: reference.Reduce | None = None,
                     full_shape=None) -> None:
     """:func:`eco.reference.plain_sgd_step_` as a kernel."""
-    job = _plain_jobs([param], [grad], [momentum_buf], [None], [seed], offset=offset, reduce=reduce,
-                      full_shape=full_shape)[0]
+    job = _plain_jobs([param], [grad], [momentum_buf], [None], [seed], [offset], [full_shape], [reduce])[0]
     _plain_one("sgd", job, scalars)
 
 
@@ -500,12 +508,15 @@ def _plain_one(optimizer: str, job: _Job, scalars) -> None:
 
 @torch.no_grad()
 def plain_adamw_steps_(params, grads, exp_avgs, exp_avg_sqs, *, scalars: reference.AdamWScalars,
-                       seeds=None) -> None:
+                       seeds=None, offsets=None, full_shapes=None, reduces=None) -> None:
     """:func:`plain_adamw_step_` for many tensors with the same scalars, small ones grouped into few launches."""
-    _plain_run("adamw", _plain_jobs(params, grads, exp_avgs, exp_avg_sqs, seeds), scalars)
+    _plain_run("adamw", _plain_jobs(params, grads, exp_avgs, exp_avg_sqs, seeds, offsets, full_shapes, reduces),
+               scalars)
 
 
 @torch.no_grad()
-def plain_sgd_steps_(params, grads, momentum_bufs, *, scalars: reference.SGDScalars, seeds=None) -> None:
+def plain_sgd_steps_(params, grads, momentum_bufs, *, scalars: reference.SGDScalars, seeds=None, offsets=None,
+                     full_shapes=None, reduces=None) -> None:
     """:func:`plain_sgd_step_` for many tensors with the same scalars, small ones grouped into few launches."""
-    _plain_run("sgd", _plain_jobs(params, grads, momentum_bufs, [None] * len(params), seeds), scalars)
+    _plain_run("sgd", _plain_jobs(params, grads, momentum_bufs, [None] * len(params), seeds, offsets, full_shapes,
+                                  reduces), scalars)

@@ -89,8 +89,8 @@ def test_stochastic_resume_depends_on_the_saved_generator(tmp_path):
 
     resumed_model, resumed_opt = fresh_model_and_optimizer("stochastic", seed=123)
     resumed_model.load_state_dict(torch.load(tmp_path / "model.pt"))
-    saved = dict(saved)
-    del saved["eco_generator_state"]
+    saved = {**saved, "param_groups": [dict(g) for g in saved["param_groups"]]}
+    del saved["param_groups"][0]["eco_generator_state"]
     resumed_opt.load_state_dict(saved)
     run(resumed_model, resumed_opt, range(4, 6))
     resumed = snapshot(resumed_model, resumed_opt)

@@ -97,10 +97,29 @@ CASES = [(eco.INT4(), ("int8", "factored")), (eco.FP8(), ("bf16", "bf16")), (eco
          (eco.FP8(group_size=64), ("int8", "factored")), (None, ("int8", "factored"))]
 
 
-@pytest.mark.parametrize("fmt, pair", CASES, ids=[f"{f or 'plain'}-{p[0]}-{p[1]}" for f, p in CASES])
-def test_sharded_step_equals_the_unsharded_step(fmt, pair, one_launch_at_a_time):
+def _batched(single):
+    """``single`` (a shard's one-tensor step) through the batched function the optimizer calls, the shard given as
+    the per-tensor ``offsets``/``full_shapes``/``reduces`` lists."""
+    def step(*args, seed, offset, reduce, full_shape, **kwargs):
+        if single is kernels.plain_adamw_step_:
+            kernels.plain_adamw_steps_(*([a] for a in args), seeds=[seed], offsets=[offset], full_shapes=[full_shape],
+                                       reduces=[reduce], **kwargs)
+        else:
+            shape = kwargs.pop("shape")
+            kernels.adamw_steps_(*([a] for a in args), shapes=[shape], seeds=[seed], offsets=[offset],
+                                 full_shapes=[full_shape], reduces=[reduce], **kwargs)
+    return step
+
+
+ENTRIES = [(case, "single") for case in CASES] + [(CASES[0], "batched"), (CASES[-1], "batched")]
+
+
+@pytest.mark.parametrize("fmt, pair, entry", [(*case, entry) for case, entry in ENTRIES],
+                         ids=[f"{f or 'plain'}-{p[0]}-{p[1]}-{e}" for (f, p), e in ENTRIES])
+def test_sharded_step_equals_the_unsharded_step(fmt, pair, entry, one_launch_at_a_time):
     """A 7 x 256 matrix on three shards (3, 4 and 0 rows), two stochastic AdamW steps: codes, scales and every
-    state bit-identical to one unsharded step; each shard calls reduce in the reference's order."""
+    state bit-identical to one unsharded step; each shard calls reduce in the reference's order. ``batched``: the
+    shards through the batched ``*_steps_`` with per-tensor shard lists (the optimizer's entry point)."""
     shape = (7, 256)
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(shape, generator=gen)
@@ -129,11 +148,14 @@ def test_sharded_step_equals_the_unsharded_step(fmt, pair, one_launch_at_a_time)
             s = shards[rank]
             extra = dict(seed=seed, offset=r0 * shape[1], reduce=reduce, full_shape=shape)
             if fmt is None:
-                kernels.plain_adamw_step_(s["weight"], grad[r0:r1].clone(), s["m"], s["v"], scalars=scalars, **extra)
+                single = kernels.plain_adamw_step_
+                step_fn = single if entry == "single" else _batched(single)
+                step_fn(s["weight"], grad[r0:r1].clone(), s["m"], s["v"], scalars=scalars, **extra)
             else:
-                kernels.adamw_step_(s["weight"], s["scales"], grad[r0:r1].clone(), s["m"], s["v"], None, fmt=fmt,
-                                    shape=torch.Size((r1 - r0, shape[1])), scalars=scalars, rounding="stochastic",
-                                    **extra)
+                single = kernels.adamw_step_
+                step_fn = single if entry == "single" else _batched(single)
+                step_fn(s["weight"], s["scales"], grad[r0:r1].clone(), s["m"], s["v"], None, fmt=fmt,
+                        shape=torch.Size((r1 - r0, shape[1])), scalars=scalars, rounding="stochastic", **extra)
 
         group = run_shards(shard_step, len(SPLITS))
         expected_calls = ([("max", (1,), torch.float32)] if pair[1] == "factored" else [])
@@ -147,7 +169,7 @@ def test_sharded_step_equals_the_unsharded_step(fmt, pair, one_launch_at_a_time)
 
 
 def test_expert_shards_hold_whole_matrices_and_reduce_nothing(one_launch_at_a_time):
-    """A [4, 8, 128] expert tensor on shards of 1 and 3 experts (``reduce`` None, as FSDP passes for 3-D
+    """A [4, 8, 128] expert tensor on shards of 1, 3 and 0 experts (``reduce`` None, as FSDP passes for 3-D
     tensors): with ``offset`` alone the shards' steps are the unsharded step."""
     fmt = eco.INT4()
     shape = (4, 8, 128)
@@ -160,7 +182,7 @@ def test_expert_shards_hold_whole_matrices_and_reduce_nothing(one_launch_at_a_ti
     whole = clone_state(state)
     reference.adamw_step_(whole["codes"], whole["scales"], grad, whole["m"], whole["v"], None, fmt=fmt,
                           shape=torch.Size(shape), scalars=scalars, rounding="stochastic", seed=11)
-    for e0, e1 in ((0, 1), (1, 4)):
+    for e0, e1 in ((0, 1), (1, 4), (4, 4)):  # the last shard holds no experts
         part = {k: shard_rows(x, e0, e1) for k, x in state.items()}
         kernels.adamw_step_(part["codes"], part["scales"], grad[e0:e1].clone(), part["m"], part["v"], None, fmt=fmt,
                             shape=torch.Size((e1 - e0, *shape[1:])), scalars=scalars, rounding="stochastic", seed=11,
