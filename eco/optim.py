@@ -122,7 +122,7 @@ _IMPLEMENTATION_OPTIONS = ("foreach", "fused", "capturable", "differentiable")
 _REPLACED_MARK = "_eco_replaced_by_quantize"
 
 
-_GROUP_ENTRIES = ("eco_generator_state", "eco_skipped_steps")
+_GROUP_ENTRIES = ("eco_generator_state", "eco_skipped_steps", "eco_state_formats")
 
 
 def _eco_entries_lifted(state_dict: dict) -> dict:
@@ -506,8 +506,9 @@ class _ECOOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> dict:
         """torch's state_dict; eco's own entries ride in the param groups, the part of an optimizer state_dict
         that ``torch.distributed.checkpoint.state_dict`` keeps (it drops other top-level keys): each group lists
-        the format of each of its parameters (``eco_formats``) and holds the rounding generator's state and the
-        skipped-step count (the same in every group: a group's entry does not depend on its position)."""
+        the format of each of its parameters (``eco_formats``) and holds the rounding generator's state, the
+        skipped-step count and the state formats (the same in every group: a group's entry does not depend on
+        its position)."""
         sd = super().state_dict()
         formats = iter(self._formats())
         generator_state = self.generator.get_state()
@@ -515,6 +516,7 @@ class _ECOOptimizer(torch.optim.Optimizer):
             group["eco_formats"] = [next(formats) for _ in group["params"]]
             group["eco_generator_state"] = generator_state
             group["eco_skipped_steps"] = self.skipped_steps
+            group["eco_state_formats"] = self._state_format_names()
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -522,9 +524,10 @@ class _ECOOptimizer(torch.optim.Optimizer):
 
         Everything is checked before anything changes: the model (group and
         parameter counts, shapes) and quantization formats; each saved state
-        tensor against what this optimizer keeps (a dtype is converted only when
-        that is exact, e.g. bfloat16 -> float32: a saved state is never rounded
-        into another ``state_dtype``); NaN/inf in saved states; the options of
+        tensor against what this optimizer keeps (an eco state_dict names its
+        state formats, which must be this optimizer's; a torch state_dict's
+        dtypes are converted only when that is exact, e.g. bfloat16 -> float32);
+        NaN/inf in saved states; the options of
         each group. Saved group options win, as in torch; options the saved
         group lacks (a torch state_dict has no ``rounding``) keep their current
         values. Unlike torch, state tensors are not cast to the parameter's dtype.
@@ -538,6 +541,13 @@ class _ECOOptimizer(torch.optim.Optimizer):
         generator_state = state_dict.pop("eco_generator_state", None)
         skipped = state_dict.pop("eco_skipped_steps", 0)
         formats = state_dict.pop("eco_formats", None)
+        state_formats = state_dict.pop("eco_state_formats", None)
+        if state_formats is not None and state_formats != self._state_format_names():
+            raise ValueError(
+                f"this state_dict was saved with state formats {state_formats}, but this {type(self).__name__} "
+                f"keeps {self._state_format_names()}: build it with the same momentum=/second_moment= "
+                "(momentum_state= for SGD) or state_dtype= to resume. Nothing was loaded."
+            )
         self._check_compatible(state_dict, formats)
         groups = [self._loaded_group(saved, current)
                   for saved, current in zip(state_dict["param_groups"], self.param_groups, strict=True)]

@@ -450,19 +450,32 @@ def test_nan_eps_and_weight_decay_are_refused():
         eco.SGD(params, weight_decay=float("nan"))
 
 
-def test_saved_state_of_another_dtype_is_converted_only_when_exact():
-    """Item 13: resuming silently replaced the configured state_dtype with the saved one."""
+def test_saved_state_of_another_format_is_refused_and_torch_states_convert_only_when_exact():
+    """Item 13: resuming silently replaced the configured state_dtype with the saved one. An eco state_dict names
+    its state formats: another one is refused. A torch.optim state_dict's states convert only when that is exact."""
     model = quantized_mlp()
     low = eco.AdamW(model.parameters(), state_dtype=torch.bfloat16)
     train_steps(model, low, 2)
     high = eco.AdamW(model.parameters(), state_dtype=torch.float32)
-    high.load_state_dict(low.state_dict())  # bfloat16 -> float32 is exact: the configured dtype wins
-    for p in model.parameters():
-        assert high.state[p]["exp_avg"].dtype == torch.float32
-        assert torch.equal(high.state[p]["exp_avg"], low.state[p]["exp_avg"].float())
-    again = eco.AdamW(model.parameters(), state_dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="saved with state formats"):
+        high.load_state_dict(low.state_dict())
+    assert not high.state
+
+    plain = mlp().bfloat16()
+    torch_opt = torch.optim.AdamW(plain.parameters())
+    x, y = DATA
+    nn.functional.mse_loss(plain(x.bfloat16()), y.bfloat16()).backward()
+    torch_opt.step()
+    fp32 = eco.AdamW(plain.parameters(), state_dtype=torch.float32)
+    fp32.load_state_dict(torch_opt.state_dict())  # bfloat16 -> float32 is exact: the configured dtype wins
+    for p in plain.parameters():
+        assert fp32.state[p]["exp_avg"].dtype == torch.float32
+        assert torch.equal(fp32.state[p]["exp_avg"], torch_opt.state[p]["exp_avg"].float())
+    rounded = {**fp32.state_dict(), "param_groups": [
+        {k: v for k, v in g.items() if not k.startswith("eco_")} for g in fp32.state_dict()["param_groups"]]}
+    again = eco.AdamW(plain.parameters(), state_dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="converting would round"):
-        again.load_state_dict(high.state_dict())
+        again.load_state_dict(rounded)  # float32 states (no eco entries, as torch saves them) into bfloat16
     assert not again.state
 
 
