@@ -24,6 +24,7 @@ them (test kernels included).
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import importlib
@@ -241,9 +242,10 @@ def elements_per_thread_per_iteration(spec) -> int | None:
 
 def stream_element_bits(spec, arg: str) -> int:
     """Bits of one logical element in stream ``arg`` (INT4 codes: 4)."""
+    from eco.kernels.eco_step import WEIGHT_INT4
     from eco.kernels.specs import TRITON_DTYPES  # here, not at the top: compile workers need no torch
 
-    if arg == "codes_ptr" and spec.constexprs.get("IS_INT4"):
+    if arg == "codes_ptr" and (spec.constexprs.get("IS_INT4") or spec.constexprs.get("WEIGHT") == WEIGHT_INT4.value):
         return 4
     name = spec.signature[arg].lstrip("*")
     return next(8 * dtype.itemsize for dtype, triton_name in TRITON_DTYPES.items() if triton_name == name)
@@ -263,7 +265,8 @@ def stream_bytes_per_element(spec, compiled: CompiledKernel) -> float:
     served from cache.
     """
     bits = sum(a.bits * a.count for arg in STREAM_ARGS for a in compiled.accesses.get(arg, []))
-    return bits / 8 / elements_per_thread(spec)
+    # a kernel with a loop (the factored statistics) touches its streams in the loop body, once per iteration
+    return bits / 8 / (elements_per_thread_per_iteration(spec) or elements_per_thread(spec))
 
 
 def scale_bytes_per_element(spec) -> float:
@@ -281,11 +284,16 @@ def scale_bytes_per_element(spec) -> float:
     if group:
         total += {"step": 8, "step_multi": 8, "quantize": 4, "dequantize": 4}.get(meta["kernel"], 0) / group
     if meta["kernel"] in ("step", "step_multi"):
-        from eco.states import STATE_BLOCK
+        from eco import states
 
         m, v = meta["states"]
-        eight_bit = (m in ("int8", "fp8")) + (meta["optimizer"] == "adamw" and v == "fp8")
-        total += eight_bit * (4 if meta["pass"] == 0 else 8) / STATE_BLOCK
+        moments = [states.momentum_format(m)]
+        if meta["optimizer"] == "adamw":
+            moments.append(states.second_moment_format(v))
+        for fmt in moments:
+            if "_scale" in fmt.parts:  # block scales: read, and written back by the storing pass
+                per_element = fmt.dtypes[fmt.parts.index("_scale")].itemsize / states.STATE_BLOCK
+                total += per_element * (1 if meta["pass"] == 0 else 2)
     return total
 
 
@@ -552,11 +560,14 @@ def compile_one(build: KernelBuild, target: str, sass: bool = True) -> CompiledK
             )
     finally:
         triton.knobs.nvidia.dump_ptxas_log = previous
-    spills = parse_ptxas_log(log.getvalue())
-    if spills is None:  # Triton's cache answered: run ptxas -v on the PTX ourselves
-        spills = _ptxas_spills(compiled.asm["ptx"], capability)
     cubin = compiled.asm["cubin"]
     resources = parse_res_usage(_run_tool("cuobjdump", ["-res-usage"], cubin))
+    spills = parse_ptxas_log(log.getvalue())
+    if spills is None:  # Triton's cache answered
+        # Spilled registers live in the thread's stack frame: without one nothing spilled. Otherwise run
+        # ptxas -v on the PTX ourselves for the spill figures.
+        no_frame = resources["stack_bytes"] == 0 and resources["local_bytes"] == 0
+        spills = (0, 0) if no_frame else _ptxas_spills(compiled.asm["ptx"], capability)
     if sass:
         counts = count_sass(_run_tool("nvdisasm", ["-c"], cubin))
     else:
@@ -615,19 +626,22 @@ def compile_jobs(jobs: list[tuple[KernelBuild, str]], workers: int | None = None
     if workers == 1 and not interpreter_enabled():
         return [_compile_or_error(b, t, sass) for b, t in jobs]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    children = []
-    for w in range(workers):
+
+    def run_worker(w: int) -> list[CompiledKernel]:
         payload = json.dumps({"sass": sass, "jobs": [{"build": dataclasses.asdict(b), "target": t}
                                                      for b, t in jobs[w::workers]]})
         proc = subprocess.Popen([sys.executable, "-m", "eco_bench.aot", "--worker"], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-        children.append((proc, payload))
-    chunks = []
-    for proc, payload in children:
         out, err = proc.communicate(payload)
         if proc.returncode:
             raise CompileError(f"the compile worker failed:\n{err[-4000:]}")
-        chunks.append([CompiledKernel.from_json(r) for r in json.loads(out.strip().splitlines()[-1])])
+        return [CompiledKernel.from_json(r) for r in json.loads(out.strip().splitlines()[-1])]
+
+    # One thread per child feeds it and drains its pipes, so the children compile at the same time
+    # (a child gets its jobs only through stdin: handing them out one communicate() after the other ran them
+    # one child at a time).
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        chunks = list(pool.map(run_worker, range(workers)))
     results = [None] * len(jobs)
     for w, chunk in enumerate(chunks):
         results[w::workers] = chunk

@@ -2,6 +2,7 @@
 
     python bench/kernel_report.py                      # every specialization x sm_80, sm_90, sm_100
     python bench/kernel_report.py --targets sm_90 --match '^adamw/'   # a slice, printed only
+    python bench/kernel_report.py --compare OLD.json   # the committed report's steps against an older one
 
 For each kernel specialization of ``eco.kernels.specs.SPECS`` and each target:
 registers, spills, local and shared memory, occupancy, SASS instructions per
@@ -9,7 +10,7 @@ element, HBM bytes per element, and a roofline estimate on an H100 SXM (every
 target is estimated on the H100 model: the SASS differs per target, the
 machine does not). Row-wise and tensor-wise formats take two launches per
 step (an absmax pass, then the storing pass); the "steps" section adds the two.
-The full run writes ``bench/results/kernel_report.json``.
+The full run writes ``bench/results/kernel_report.json`` (after each target, sm_90 first).
 
 These are static estimates, not measurements: instruction counts are every
 SASS instruction of the kernel (slow-path subroutines of IEEE div/sqrt left
@@ -23,6 +24,7 @@ import argparse
 import hashlib
 import json
 import re
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -80,7 +82,9 @@ def record(spec, compiled) -> dict:
         return row
     sass = compiled.sass_per_element(elements_per_thread(spec), elements_per_thread_per_iteration(spec))
     nbytes = bytes_per_element(spec, compiled)
-    roof = H100_SXM.roofline(nbytes, sass)
+    # a launch without per-element traffic (the factored finalize: per row and column) has no roofline
+    roof = H100_SXM.roofline(nbytes, sass) if nbytes else {"instructions_per_byte": None, "params_per_s": None,
+                                                            "bound": None}
     row.update(
         registers=compiled.registers,
         spill_bytes=compiled.spill_bytes,
@@ -92,8 +96,8 @@ def record(spec, compiled) -> dict:
         sass_in_subroutines=compiled.sass_in_subroutines,
         sass_per_element=round(sass, 2),
         bytes_per_element=round(nbytes, 4),
-        instructions_per_byte=round(roof["instructions_per_byte"], 2),
-        params_per_s=round(roof["params_per_s"]),
+        instructions_per_byte=roof["instructions_per_byte"] and round(roof["instructions_per_byte"], 2),
+        params_per_s=roof["params_per_s"] and round(roof["params_per_s"]),
         bound=roof["bound"],
         stream_access_bits={a: sorted(compiled.access_bits(a)) for a in STREAM_ARGS if a in compiled.accesses},
     )
@@ -159,7 +163,47 @@ def print_launches(records: list[dict]) -> None:
             continue
         print(f"{r['kernel']:58} {r['target']:6} {r['registers']:4} {r['spill_bytes']:5} {r['local_bytes']:5} "
               f"{r['shared_bytes']:5} {r['occupancy_warps']:3} {r['sass_per_element']:8.1f} "
-              f"{r['bytes_per_element']:6.2f} {r['params_per_s'] / 1e9:9.1f} {r['bound']:>11}")
+              f"{r['bytes_per_element']:6.2f} {(r['params_per_s'] or 0) / 1e9:9.1f} {r['bound'] or 'n/a':>11}")
+
+
+def _step_key(row: dict) -> tuple:
+    """A step's variant without its rounding; reports from before the state formats name ``state_dtype``."""
+    states = row.get("states") or {"float32": "fp32", "bfloat16": "bf16"}[row["state_dtype"]]
+    return row["target"], row["optimizer"], row["format"], states, row["grad_dtype"], row["master"]
+
+
+def rounding_costs(steps: list[dict]) -> dict:
+    """``{step key: (nearest, stochastic)}`` SASS per element of the steps that have both roundings."""
+    by_rounding = {}
+    for r in steps:
+        by_rounding.setdefault(_step_key(r), {})[r["rounding"]] = r["sass_per_element"]
+    return {k: (v["nearest"], v["stochastic"]) for k, v in by_rounding.items() if len(v) == 2}
+
+
+def compare(old: dict, new: dict, target: str = "sm_90") -> None:
+    """Print, per optimizer and state formats on ``target``, the median SASS per element of the steps both
+    reports have, by rounding, and what stochastic rounding adds over round-to-nearest (the weight's random
+    numbers; the states' own stochastic rounding is in both roundings' counts)."""
+    before, after = rounding_costs(old["steps"]), rounding_costs(new["steps"])
+    common = sorted(k for k in before.keys() & after.keys() if k[0] == target)
+    print(f"{target}: median SASS/element over the {len(common)} steps (format x grad dtype x master) of both "
+          f"reports; SR cost = stochastic - nearest")
+    header = f"{'optimizer, states':22} {'steps':>5}  {'nearest old/new':>16}  {'stochastic old/new':>19}  " \
+             f"{'SR cost old/new':>16}"
+    print(header)
+    print("-" * len(header))
+    for optimizer, states in sorted({(k[1], k[3]) for k in common}):
+        keys = [k for k in common if (k[1], k[3]) == (optimizer, states)]
+
+        def median(report, i, keys=keys):
+            return statistics.median(report[k][i] for k in keys)
+
+        def cost(report, keys=keys):
+            return statistics.median(report[k][1] - report[k][0] for k in keys)
+
+        print(f"{optimizer + ', ' + states:22} {len(keys):5}  {median(before, 0):7.1f} {median(after, 0):8.1f}  "
+              f"{median(before, 1):9.1f} {median(after, 1):9.1f}  {cost(before):7.1f} {cost(after):8.1f}")
+    print(f"old: kernel sources {old['kernel_source_sha256']}, new: {new['kernel_source_sha256']}")
 
 
 def main(argv=None) -> int:
@@ -168,15 +212,28 @@ def main(argv=None) -> int:
     parser.add_argument("--match", default=None, help="only specializations whose name matches this regex")
     parser.add_argument("--workers", type=int, default=None, help="compile processes (default: one per CPU)")
     parser.add_argument("--launches", action="store_true", help="also print one row per launch")
+    parser.add_argument("--compare", metavar="OLD_JSON", default=None,
+                        help="compile nothing: compare the steps of the committed report with OLD_JSON's "
+                             "(e.g. git show REV:bench/results/kernel_report.json > OLD_JSON)")
     args = parser.parse_args(argv)
+    if args.compare:
+        compare(json.loads(Path(args.compare).read_text()), json.loads(RESULT.read_text()))
+        return 0
 
     specs = [s for s in SPECS if args.match is None or re.search(args.match, s.name)]
     full = args.match is None and args.targets == list(TARGETS)
-    jobs = [(s, t) for s in specs for t in args.targets]
-    started = time.perf_counter()
-    compiled = compile_jobs([(build_for_spec(s, t), t) for s, t in jobs], workers=args.workers)
-    seconds = time.perf_counter() - started
-    records = [record(s, c) for (s, _), c in zip(jobs, compiled, strict=True)]
+    # A full run compiles one target after the other (sm_90, the roofline's machine, first) and writes the
+    # report after each, so a run stopped part way keeps what it compiled ("targets" says which).
+    rounds = sorted(args.targets, key=lambda t: t != "sm_90") if full else [None]
+    records, seconds = [], 0.0
+    for target in rounds:
+        jobs = [(s, t) for s in specs for t in ([target] if target else args.targets)]
+        started = time.perf_counter()
+        compiled = compile_jobs([(build_for_spec(s, t), t) for s, t in jobs], workers=args.workers)
+        seconds += time.perf_counter() - started
+        records += [record(s, c) for (s, _), c in zip(jobs, compiled, strict=True)]
+        if full:
+            write_report(records, seconds, rounds[:rounds.index(target) + 1])
     step_rows = steps(records)
 
     if args.launches:
@@ -191,26 +248,30 @@ def main(argv=None) -> int:
     if adamw_90:
         missing = [r for r in adamw_90 if not r["within_half_balance"]]
         print(f"sm_90 AdamW steps within half the balance: {len(adamw_90) - len(missing)} of {len(adamw_90)}.")
-
     if full:
-        RESULT.parent.mkdir(parents=True, exist_ok=True)
-        RESULT.write_text(json.dumps({
-            "triton_version": triton.__version__,
-            "command": "python bench/kernel_report.py",
-            "compile_seconds": round(seconds),
-            "kernel_source_sha256": kernel_source_digest(),
-            "machine": {"name": H100_SXM.name, "hbm_bytes_per_s": H100_SXM.hbm_bytes_per_s, "sms": H100_SXM.sms,
-                        "clock_hz": H100_SXM.clock_hz,
-                        "warp_instructions_per_clock_per_sm": H100_SXM.warp_instructions_per_clock_per_sm,
-                        "instructions_per_byte": H100_SXM.instructions_per_byte},
-            "note": "static estimates from the compiled code, not GPU measurements",
-            "torch_fused_adamw_fp32_master": {"bytes_per_element": TORCH_FUSED_ADAMW_BYTES, "bound": "memory",
-                                              "params_per_s": round(H100_SXM.roofline(28.0, None)["params_per_s"])},
-            "records": records,
-            "steps": step_rows,
-        }, indent=1) + "\n")
         print(f"wrote {RESULT}")
     return 1 if failed or spilled else 0
+
+
+def write_report(records: list[dict], seconds: float, targets: list[str]) -> None:
+    """Write ``bench/results/kernel_report.json`` with the records of ``targets``."""
+    RESULT.parent.mkdir(parents=True, exist_ok=True)
+    RESULT.write_text(json.dumps({
+        "triton_version": triton.__version__,
+        "command": "python bench/kernel_report.py",
+        "targets": targets,
+        "compile_seconds": round(seconds),
+        "kernel_source_sha256": kernel_source_digest(),
+        "machine": {"name": H100_SXM.name, "hbm_bytes_per_s": H100_SXM.hbm_bytes_per_s, "sms": H100_SXM.sms,
+                    "clock_hz": H100_SXM.clock_hz,
+                    "warp_instructions_per_clock_per_sm": H100_SXM.warp_instructions_per_clock_per_sm,
+                    "instructions_per_byte": H100_SXM.instructions_per_byte},
+        "note": "static estimates from the compiled code, not GPU measurements",
+        "torch_fused_adamw_fp32_master": {"bytes_per_element": TORCH_FUSED_ADAMW_BYTES, "bound": "memory",
+                                          "params_per_s": round(H100_SXM.roofline(28.0, None)["params_per_s"])},
+        "records": records,
+        "steps": steps(records),
+    }, indent=1) + "\n")
 
 
 if __name__ == "__main__":
