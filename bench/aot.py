@@ -281,11 +281,16 @@ def scale_bytes_per_element(spec) -> float:
     if group:
         total += {"step": 8, "step_multi": 8, "quantize": 4, "dequantize": 4}.get(meta["kernel"], 0) / group
     if meta["kernel"] in ("step", "step_multi"):
-        from eco.states import STATE_BLOCK
+        from eco import states
 
         m, v = meta["states"]
-        eight_bit = (m in ("int8", "fp8")) + (meta["optimizer"] == "adamw" and v == "fp8")
-        total += eight_bit * (4 if meta["pass"] == 0 else 8) / STATE_BLOCK
+        moments = [states.momentum_format(m)]
+        if meta["optimizer"] == "adamw":
+            moments.append(states.second_moment_format(v))
+        for fmt in moments:
+            if "_scale" in fmt.parts:  # block scales: read, and written back by the storing pass
+                per_element = fmt.dtypes[fmt.parts.index("_scale")].itemsize / states.STATE_BLOCK
+                total += per_element * (1 if meta["pass"] == 0 else 2)
     return total
 
 

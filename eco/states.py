@@ -46,6 +46,7 @@ its state scales as it owns its weight scales. ``scale = absmax / rho``,
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -95,6 +96,10 @@ class StateFormat:
             cols = shape[-1] if shape else 1
             return shape, (*shape[:-1], -(-cols // STATE_BLOCK))
         return (shape,)
+
+    def nbytes(self, shape) -> int:
+        """Bytes of the tensors that hold this state for a tensor of ``shape`` (what :meth:`allocate` makes)."""
+        return sum(math.prod(s) * d.itemsize for s, d in zip(self.shapes(shape), self.dtypes, strict=True))
 
     def allocate(self, shape, device) -> tuple[torch.Tensor, ...]:
         """Zero state (every format stores 0 as all-zero codes with scale 1)."""

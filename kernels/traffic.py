@@ -55,20 +55,15 @@ def _size(dtype: torch.dtype) -> int:
     return torch.finfo(dtype).bits // 8
 
 
-def _state_bytes(fmt: state_formats.StateFormat, shape) -> int:
-    """Bytes the state of a tensor of ``shape`` takes in this format."""
-    return sum(math.prod(s) * d.itemsize for s, d in zip(fmt.shapes(shape), fmt.dtypes, strict=True))
-
-
 def _moment_bytes(optimizer: str, states: tuple, shape) -> tuple[int, bool]:
     """Bytes of the moments of a tensor of ``shape`` in their formats, and whether v is factored."""
     m, v = states
-    total = _state_bytes(state_formats.momentum_format(m), shape)
+    total = state_formats.momentum_format(m).nbytes(shape)
     factored = False
     if optimizer == "adamw":
         v_fmt = state_formats.for_shape(state_formats.second_moment_format(v), shape)
         factored = isinstance(v_fmt, state_formats.Factored)
-        total += _state_bytes(v_fmt, shape)
+        total += v_fmt.nbytes(shape)
     return total, factored
 
 

@@ -137,3 +137,27 @@ def test_plain_parameters_get_the_state_formats_and_the_options_read_in_one_line
         eco.AdamW(model.parameters(), state_dtype=torch.bfloat16, momentum="int8")
     with pytest.raises(ValueError, match="second_moment must be one of"):
         eco.AdamW(model.parameters(), second_moment="int8")
+
+
+def test_bytes_per_element_are_what_the_formats_allocate():
+    """``StateFormat.nbytes`` (the one count of a state's bytes; ``eco.kernels.traffic`` uses it) is the bytes
+    of the tensors ``allocate`` makes, and the "bytes per element" column of ``eco.states``' table is it."""
+    import re
+
+    by_row = {('"fp32"', ""): states.FP32_STATE, ('"bf16"', ""): states.BF16_STATE,
+              ('"int8"', "(m)"): states.INT8_STATE, ('"fp8"', "(m)"): states.FP8_M_STATE,
+              ('"fp8"', "(v)"): states.FP8_V_STATE, ('"factored"', ""): states.FACTORED_STATE}
+    row = re.compile(r'^``("\w+")``\s*(\([mv]\))?\s{2,}.*?\s{2,}(\S[^\n]*?)\s*$', re.M)
+    table = {(name, moment): expression for name, moment, expression in row.findall(states.__doc__)}
+    assert set(table) == set(by_row)
+    R, C = 96, 384  # noqa: N806 -- the names of the table
+    for key, fmt in by_row.items():
+        product = re.sub(r"([\w)])\s+(?=[\w(])", r"\1 * ", table[key])  # "4 (R + C + 1) / (R C)": implicit *
+        expected = eval(product, {"R": R, "C": C})  # noqa: S307 -- the module's own docstring
+        assert fmt.nbytes((R, C)) == pytest.approx(expected * R * C), key
+    for fmt in by_row.values():
+        for shape in [(R, C), (3, 5, 130), (7,), (300,), ()]:
+            if isinstance(fmt, states.Factored) and len(shape) < 2:
+                continue
+            allocated = sum(t.untyped_storage().nbytes() for t in fmt.allocate(shape, "cpu"))
+            assert fmt.nbytes(shape) == allocated, (fmt.name, shape)
