@@ -24,6 +24,7 @@ them (test kernels included).
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import importlib
@@ -620,19 +621,22 @@ def compile_jobs(jobs: list[tuple[KernelBuild, str]], workers: int | None = None
     if workers == 1 and not interpreter_enabled():
         return [_compile_or_error(b, t, sass) for b, t in jobs]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    children = []
-    for w in range(workers):
+
+    def run_worker(w: int) -> list[CompiledKernel]:
         payload = json.dumps({"sass": sass, "jobs": [{"build": dataclasses.asdict(b), "target": t}
                                                      for b, t in jobs[w::workers]]})
         proc = subprocess.Popen([sys.executable, "-m", "eco_bench.aot", "--worker"], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-        children.append((proc, payload))
-    chunks = []
-    for proc, payload in children:
         out, err = proc.communicate(payload)
         if proc.returncode:
             raise CompileError(f"the compile worker failed:\n{err[-4000:]}")
-        chunks.append([CompiledKernel.from_json(r) for r in json.loads(out.strip().splitlines()[-1])])
+        return [CompiledKernel.from_json(r) for r in json.loads(out.strip().splitlines()[-1])]
+
+    # One thread per child feeds it and drains its pipes, so the children compile at the same time
+    # (a child gets its jobs only through stdin: handing them out one communicate() after the other ran them
+    # one child at a time).
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        chunks = list(pool.map(run_worker, range(workers)))
     results = [None] * len(jobs)
     for w, chunk in enumerate(chunks):
         results[w::workers] = chunk

@@ -2,6 +2,7 @@
 
     python bench/kernel_report.py                      # every specialization x sm_80, sm_90, sm_100
     python bench/kernel_report.py --targets sm_90 --match '^adamw/'   # a slice, printed only
+    python bench/kernel_report.py --compare OLD.json   # the committed report's steps against an older one
 
 For each kernel specialization of ``eco.kernels.specs.SPECS`` and each target:
 registers, spills, local and shared memory, occupancy, SASS instructions per
@@ -23,6 +24,7 @@ import argparse
 import hashlib
 import json
 import re
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -162,13 +164,59 @@ def print_launches(records: list[dict]) -> None:
               f"{r['bytes_per_element']:6.2f} {r['params_per_s'] / 1e9:9.1f} {r['bound']:>11}")
 
 
+def _step_key(row: dict) -> tuple:
+    """A step's variant without its rounding; reports from before the state formats name ``state_dtype``."""
+    states = row.get("states") or {"float32": "fp32", "bfloat16": "bf16"}[row["state_dtype"]]
+    return row["target"], row["optimizer"], row["format"], states, row["grad_dtype"], row["master"]
+
+
+def rounding_costs(steps: list[dict]) -> dict:
+    """``{step key: (nearest, stochastic)}`` SASS per element of the steps that have both roundings."""
+    by_rounding = {}
+    for r in steps:
+        by_rounding.setdefault(_step_key(r), {})[r["rounding"]] = r["sass_per_element"]
+    return {k: (v["nearest"], v["stochastic"]) for k, v in by_rounding.items() if len(v) == 2}
+
+
+def compare(old: dict, new: dict, target: str = "sm_90") -> None:
+    """Print, per optimizer and state formats on ``target``, the median SASS per element of the steps both
+    reports have, by rounding, and what stochastic rounding adds over round-to-nearest (the weight's random
+    numbers; the states' own stochastic rounding is in both roundings' counts)."""
+    before, after = rounding_costs(old["steps"]), rounding_costs(new["steps"])
+    common = sorted(k for k in before.keys() & after.keys() if k[0] == target)
+    print(f"{target}: median SASS/element over the {len(common)} steps (format x grad dtype x master) of both "
+          f"reports; SR cost = stochastic - nearest")
+    header = f"{'optimizer, states':22} {'steps':>5}  {'nearest old/new':>16}  {'stochastic old/new':>19}  " \
+             f"{'SR cost old/new':>16}"
+    print(header)
+    print("-" * len(header))
+    for optimizer, states in sorted({(k[1], k[3]) for k in common}):
+        keys = [k for k in common if (k[1], k[3]) == (optimizer, states)]
+
+        def median(report, i, keys=keys):
+            return statistics.median(report[k][i] for k in keys)
+
+        def cost(report, keys=keys):
+            return statistics.median(report[k][1] - report[k][0] for k in keys)
+
+        print(f"{optimizer + ', ' + states:22} {len(keys):5}  {median(before, 0):7.1f} {median(after, 0):8.1f}  "
+              f"{median(before, 1):9.1f} {median(after, 1):9.1f}  {cost(before):7.1f} {cost(after):8.1f}")
+    print(f"old: kernel sources {old['kernel_source_sha256']}, new: {new['kernel_source_sha256']}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--targets", nargs="+", default=list(TARGETS), choices=list(TARGETS))
     parser.add_argument("--match", default=None, help="only specializations whose name matches this regex")
     parser.add_argument("--workers", type=int, default=None, help="compile processes (default: one per CPU)")
     parser.add_argument("--launches", action="store_true", help="also print one row per launch")
+    parser.add_argument("--compare", metavar="OLD_JSON", default=None,
+                        help="compile nothing: compare the steps of the committed report with OLD_JSON's "
+                             "(e.g. git show REV:bench/results/kernel_report.json > OLD_JSON)")
     args = parser.parse_args(argv)
+    if args.compare:
+        compare(json.loads(Path(args.compare).read_text()), json.loads(RESULT.read_text()))
+        return 0
 
     specs = [s for s in SPECS if args.match is None or re.search(args.match, s.name)]
     full = args.match is None and args.targets == list(TARGETS)
