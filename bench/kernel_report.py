@@ -10,7 +10,7 @@ element, HBM bytes per element, and a roofline estimate on an H100 SXM (every
 target is estimated on the H100 model: the SASS differs per target, the
 machine does not). Row-wise and tensor-wise formats take two launches per
 step (an absmax pass, then the storing pass); the "steps" section adds the two.
-The full run writes ``bench/results/kernel_report.json``.
+The full run writes ``bench/results/kernel_report.json`` (after each target, sm_90 first).
 
 These are static estimates, not measurements: instruction counts are every
 SASS instruction of the kernel (slow-path subroutines of IEEE div/sqrt left
@@ -220,11 +220,18 @@ def main(argv=None) -> int:
 
     specs = [s for s in SPECS if args.match is None or re.search(args.match, s.name)]
     full = args.match is None and args.targets == list(TARGETS)
-    jobs = [(s, t) for s in specs for t in args.targets]
-    started = time.perf_counter()
-    compiled = compile_jobs([(build_for_spec(s, t), t) for s, t in jobs], workers=args.workers)
-    seconds = time.perf_counter() - started
-    records = [record(s, c) for (s, _), c in zip(jobs, compiled, strict=True)]
+    # A full run compiles one target after the other (sm_90, the roofline's machine, first) and writes the
+    # report after each, so a run stopped part way keeps what it compiled ("targets" says which).
+    rounds = sorted(args.targets, key=lambda t: t != "sm_90") if full else [None]
+    records, seconds = [], 0.0
+    for target in rounds:
+        jobs = [(s, t) for s in specs for t in ([target] if target else args.targets)]
+        started = time.perf_counter()
+        compiled = compile_jobs([(build_for_spec(s, t), t) for s, t in jobs], workers=args.workers)
+        seconds += time.perf_counter() - started
+        records += [record(s, c) for (s, _), c in zip(jobs, compiled, strict=True)]
+        if full:
+            write_report(records, seconds, rounds[:rounds.index(target) + 1])
     step_rows = steps(records)
 
     if args.launches:
@@ -239,26 +246,30 @@ def main(argv=None) -> int:
     if adamw_90:
         missing = [r for r in adamw_90 if not r["within_half_balance"]]
         print(f"sm_90 AdamW steps within half the balance: {len(adamw_90) - len(missing)} of {len(adamw_90)}.")
-
     if full:
-        RESULT.parent.mkdir(parents=True, exist_ok=True)
-        RESULT.write_text(json.dumps({
-            "triton_version": triton.__version__,
-            "command": "python bench/kernel_report.py",
-            "compile_seconds": round(seconds),
-            "kernel_source_sha256": kernel_source_digest(),
-            "machine": {"name": H100_SXM.name, "hbm_bytes_per_s": H100_SXM.hbm_bytes_per_s, "sms": H100_SXM.sms,
-                        "clock_hz": H100_SXM.clock_hz,
-                        "warp_instructions_per_clock_per_sm": H100_SXM.warp_instructions_per_clock_per_sm,
-                        "instructions_per_byte": H100_SXM.instructions_per_byte},
-            "note": "static estimates from the compiled code, not GPU measurements",
-            "torch_fused_adamw_fp32_master": {"bytes_per_element": TORCH_FUSED_ADAMW_BYTES, "bound": "memory",
-                                              "params_per_s": round(H100_SXM.roofline(28.0, None)["params_per_s"])},
-            "records": records,
-            "steps": step_rows,
-        }, indent=1) + "\n")
         print(f"wrote {RESULT}")
     return 1 if failed or spilled else 0
+
+
+def write_report(records: list[dict], seconds: float, targets: list[str]) -> None:
+    """Write ``bench/results/kernel_report.json`` with the records of ``targets``."""
+    RESULT.parent.mkdir(parents=True, exist_ok=True)
+    RESULT.write_text(json.dumps({
+        "triton_version": triton.__version__,
+        "command": "python bench/kernel_report.py",
+        "targets": targets,
+        "compile_seconds": round(seconds),
+        "kernel_source_sha256": kernel_source_digest(),
+        "machine": {"name": H100_SXM.name, "hbm_bytes_per_s": H100_SXM.hbm_bytes_per_s, "sms": H100_SXM.sms,
+                    "clock_hz": H100_SXM.clock_hz,
+                    "warp_instructions_per_clock_per_sm": H100_SXM.warp_instructions_per_clock_per_sm,
+                    "instructions_per_byte": H100_SXM.instructions_per_byte},
+        "note": "static estimates from the compiled code, not GPU measurements",
+        "torch_fused_adamw_fp32_master": {"bytes_per_element": TORCH_FUSED_ADAMW_BYTES, "bound": "memory",
+                                          "params_per_s": round(H100_SXM.roofline(28.0, None)["params_per_s"])},
+        "records": records,
+        "steps": steps(records),
+    }, indent=1) + "\n")
 
 
 if __name__ == "__main__":
