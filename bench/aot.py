@@ -242,9 +242,10 @@ def elements_per_thread_per_iteration(spec) -> int | None:
 
 def stream_element_bits(spec, arg: str) -> int:
     """Bits of one logical element in stream ``arg`` (INT4 codes: 4)."""
+    from eco.kernels.eco_step import WEIGHT_INT4
     from eco.kernels.specs import TRITON_DTYPES  # here, not at the top: compile workers need no torch
 
-    if arg == "codes_ptr" and spec.constexprs.get("IS_INT4"):
+    if arg == "codes_ptr" and (spec.constexprs.get("IS_INT4") or spec.constexprs.get("WEIGHT") == WEIGHT_INT4.value):
         return 4
     name = spec.signature[arg].lstrip("*")
     return next(8 * dtype.itemsize for dtype, triton_name in TRITON_DTYPES.items() if triton_name == name)
@@ -264,7 +265,8 @@ def stream_bytes_per_element(spec, compiled: CompiledKernel) -> float:
     served from cache.
     """
     bits = sum(a.bits * a.count for arg in STREAM_ARGS for a in compiled.accesses.get(arg, []))
-    return bits / 8 / elements_per_thread(spec)
+    # a kernel with a loop (the factored statistics) touches its streams in the loop body, once per iteration
+    return bits / 8 / (elements_per_thread_per_iteration(spec) or elements_per_thread(spec))
 
 
 def scale_bytes_per_element(spec) -> float:
@@ -558,11 +560,14 @@ def compile_one(build: KernelBuild, target: str, sass: bool = True) -> CompiledK
             )
     finally:
         triton.knobs.nvidia.dump_ptxas_log = previous
-    spills = parse_ptxas_log(log.getvalue())
-    if spills is None:  # Triton's cache answered: run ptxas -v on the PTX ourselves
-        spills = _ptxas_spills(compiled.asm["ptx"], capability)
     cubin = compiled.asm["cubin"]
     resources = parse_res_usage(_run_tool("cuobjdump", ["-res-usage"], cubin))
+    spills = parse_ptxas_log(log.getvalue())
+    if spills is None:  # Triton's cache answered
+        # Spilled registers live in the thread's stack frame: without one nothing spilled. Otherwise run
+        # ptxas -v on the PTX ourselves for the spill figures.
+        no_frame = resources["stack_bytes"] == 0 and resources["local_bytes"] == 0
+        spills = (0, 0) if no_frame else _ptxas_spills(compiled.asm["ptx"], capability)
     if sass:
         counts = count_sass(_run_tool("nvdisasm", ["-c"], cubin))
     else:

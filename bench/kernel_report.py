@@ -82,7 +82,9 @@ def record(spec, compiled) -> dict:
         return row
     sass = compiled.sass_per_element(elements_per_thread(spec), elements_per_thread_per_iteration(spec))
     nbytes = bytes_per_element(spec, compiled)
-    roof = H100_SXM.roofline(nbytes, sass)
+    # a launch without per-element traffic (the factored finalize: per row and column) has no roofline
+    roof = H100_SXM.roofline(nbytes, sass) if nbytes else {"instructions_per_byte": None, "params_per_s": None,
+                                                            "bound": None}
     row.update(
         registers=compiled.registers,
         spill_bytes=compiled.spill_bytes,
@@ -94,8 +96,8 @@ def record(spec, compiled) -> dict:
         sass_in_subroutines=compiled.sass_in_subroutines,
         sass_per_element=round(sass, 2),
         bytes_per_element=round(nbytes, 4),
-        instructions_per_byte=round(roof["instructions_per_byte"], 2),
-        params_per_s=round(roof["params_per_s"]),
+        instructions_per_byte=roof["instructions_per_byte"] and round(roof["instructions_per_byte"], 2),
+        params_per_s=roof["params_per_s"] and round(roof["params_per_s"]),
         bound=roof["bound"],
         stream_access_bits={a: sorted(compiled.access_bits(a)) for a in STREAM_ARGS if a in compiled.accesses},
     )
@@ -161,7 +163,7 @@ def print_launches(records: list[dict]) -> None:
             continue
         print(f"{r['kernel']:58} {r['target']:6} {r['registers']:4} {r['spill_bytes']:5} {r['local_bytes']:5} "
               f"{r['shared_bytes']:5} {r['occupancy_warps']:3} {r['sass_per_element']:8.1f} "
-              f"{r['bytes_per_element']:6.2f} {r['params_per_s'] / 1e9:9.1f} {r['bound']:>11}")
+              f"{r['bytes_per_element']:6.2f} {(r['params_per_s'] or 0) / 1e9:9.1f} {r['bound'] or 'n/a':>11}")
 
 
 def _step_key(row: dict) -> tuple:

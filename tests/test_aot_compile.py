@@ -309,7 +309,8 @@ def test_bytes_per_element_match_the_traffic_model(spec_results):
                                             launch="absmax" if m["pass"] == 0 else "step")
         else:
             continue
-        assert bytes_per_element(spec, result) == pytest.approx(expected / 4096**2, abs=0.005), name
+        # abs 0.01: the compiled side counts per-row/column parts (row scales, a factored v) as zero
+        assert bytes_per_element(spec, result) == pytest.approx(expected / 4096**2, abs=0.01), name
         checked.add(m["kernel"])
     assert checked == {"step", "factored_stats"}
 
