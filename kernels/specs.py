@@ -187,14 +187,15 @@ def _step_tiling(group_size: int, multi: bool) -> tuple[int, int, dict]:
     warps. Row/tensor formats: 16 elements a thread (fewer atomics and
     instructions than with 8). Left to choose, ptxas capped the
     registers low and spilled (master-weight and multi-tensor steps, mostly
-    sm_100); the explicit ``maxnreg`` below leaves room and nothing spills.
+    sm_100, also single-tensor block steps with 8-bit or bf16 states, capped
+    at 80); the explicit ``maxnreg`` below leaves room and nothing spills.
     Checked by ``tests/test_aot_compile.py``, which compiles every
     specialization (figures: docs/notes-from-code.md).
     """
     if group_size:
         if multi:
             return MULTI_STEP_BLOCK, 8, {**OPTIONS, "maxnreg": 96}
-        return STEP_BLOCK, 4, dict(OPTIONS)
+        return STEP_BLOCK, 4, {**OPTIONS, "maxnreg": 128}
     return ROWWISE_BLOCK, 4, {**OPTIONS, "maxnreg": 160}
 
 

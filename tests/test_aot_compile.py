@@ -248,12 +248,25 @@ def test_the_matrix_covers_every_axis():
     assert len(subset) < len(SPECS)
 
 
-def _params():
+#: known gaps, reported where each is used: ``{kernel: reason}`` for the vector-width check
+NARROW_STREAMS = {
+    "factored_stats": "the factored-v statistics kernel reads the gradient with 16/32-bit loads: its rows and "
+                      "offsets come from the launch table, which carries no alignment hint (docs/kernels.md)",
+}
+
+
+def _params(known_gaps: dict | None = None):
+    """``(name, target)`` of every specialization; those whose kernel is in ``known_gaps`` are expected to fail
+    (strict: the test fails once the gap is closed, so the entry must go)."""
     try:
         specs = _spec_matrix()
     except ImportError:  # the kernel list is not importable: the test reports it
         return [pytest.param("<eco.kernels.specs.SPECS missing>", t) for t in TARGETS]
-    return [pytest.param(spec.name, t, id=f"{spec.name}-{t}") for spec in specs for t in TARGETS]
+    known_gaps = known_gaps or {}
+    return [pytest.param(spec.name, t, id=f"{spec.name}-{t}",
+                         marks=[pytest.mark.xfail(reason=known_gaps[spec.meta["kernel"]], strict=True)]
+                         if spec.meta["kernel"] in known_gaps else [])
+            for spec in specs for t in TARGETS]
 
 
 def _spec(name):
@@ -270,7 +283,7 @@ def test_specialization_compiles_without_spills(spec_results, name, target):
     assert result.local_bytes == 0 and result.stack_bytes == 0
 
 
-@pytest.mark.parametrize("name,target", _params())
+@pytest.mark.parametrize("name,target", _params(NARROW_STREAMS))
 def test_big_streams_use_the_widest_vector_access(spec_results, name, target):
     """128-bit accesses on grad, m, v (codes: as wide as a thread's share of bytes allows)."""
     spec = _spec(name)
