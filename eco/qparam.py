@@ -494,29 +494,29 @@ def _clone(func, args, kwargs):
     return QuantizedTensor(codes.clone(), scales.clone(), src.fmt, src.shape, src.dtype)
 
 
-@_handles(aten._to_copy.default)
-def _to_copy(func, args, kwargs):
-    """``.to(device)`` copies codes and scales there; ``.to(dtype)`` changes the logical dtype."""
+def _quantized_like(func, args, kwargs, make):
+    """A new QuantizedTensor of ``args[0]``'s format and shape on the requested device and logical dtype, its
+    codes and scales ``make(tensor, device)`` of the source's; a non-float dtype or a recorded view gives what
+    ``func`` gives on the dequantized values."""
     src = args[0]
     device = kwargs.get("device") or src.device
     dtype = kwargs.get("dtype") or src.dtype
     if not dtype.is_floating_point or src._post:
         return func(src.dequantize(), **kwargs)
     codes, scales = src._read()
-    return QuantizedTensor(codes.to(device, copy=True), scales.to(device, copy=True), src.fmt, src.shape, dtype)
+    return QuantizedTensor(make(codes, device), make(scales, device), src.fmt, src.shape, dtype)
+
+
+@_handles(aten._to_copy.default)
+def _to_copy(func, args, kwargs):
+    """``.to(device)`` copies codes and scales there; ``.to(dtype)`` changes the logical dtype."""
+    return _quantized_like(func, args, kwargs, lambda t, device: t.to(device, copy=True))
 
 
 @_handles(aten.empty_like.default)
 def _empty_like(func, args, kwargs):
     """Uninitialized codes and scales (``model.to_empty(device=...)`` after a meta-device ``quantize_``)."""
-    src = args[0]
-    device = kwargs.get("device") or src.device
-    dtype = kwargs.get("dtype") or src.dtype
-    if not dtype.is_floating_point or src._post:
-        return func(src.dequantize(), **kwargs)
-    codes, scales = src._read()
-    return QuantizedTensor(torch.empty_like(codes, device=device), torch.empty_like(scales, device=device),
-                           src.fmt, src.shape, dtype)
+    return _quantized_like(func, args, kwargs, lambda t, device: torch.empty_like(t, device=device))
 
 
 @_handles(aten.copy_.default)
