@@ -22,9 +22,11 @@ with :func:`eco.quantize_`, embeddings, norms and head stay fp32):
 ``eco-rtn``    ECO, round-to-nearest
 ``eco-sr``     ECO, stochastic rounding
 ``eco-sr-lowbit`` ECO, stochastic rounding, 8-bit m + factored v (``momentum="8bit", second_moment="factored"``)
+``eco-sr-8bit`` ECO, stochastic rounding, 8-bit m + 8-bit v (``momentum="8bit", second_moment="8bit"``)
 ``eco-sr:M/V``  ECO, stochastic rounding, m in format M and v in format V (e.g. ``eco-sr:fp8/factored``)
 ``bnb8bit``    peer: bitsandbytes ``AdamW8bit`` on bf16 weights (when importable)
 ``optimi-kahan`` peer: torch-optimi ``AdamW`` with Kahan summation on bf16 weights
+``torchao4bit`` peer: torchao ``AdamW4bit`` (4-bit m and v) on bf16 weights (when importable)
 =============  ==========================================================
 
 Each run happens in a fresh process, so its peak resident memory (RSS) is its
@@ -68,12 +70,15 @@ QUANTIZED_ARMS = {
     "eco-sr": ("ECO, SR", dict(rounding="stochastic")),
     "eco-sr-lowbit": ("ECO, SR, 8-bit m + factored v",
                       dict(rounding="stochastic", momentum="8bit", second_moment="factored")),
+    "eco-sr-8bit": ("ECO, SR, 8-bit m + 8-bit v",
+                    dict(rounding="stochastic", momentum="8bit", second_moment="8bit")),
 }
 STATE_ARM_PREFIX = "eco-sr:"  # "eco-sr:M/V": ECO-SR with momentum=M, second_moment=V
 PEER_ARMS = {
     # name: (label, module that must be importable)
     "bnb8bit": ("bitsandbytes AdamW8bit, bf16 weights", "bitsandbytes"),
     "optimi-kahan": ("optimi AdamW + Kahan, bf16 weights", "optimi"),
+    "torchao4bit": ("torchao AdamW4bit, bf16 weights", "torchao"),
 }
 ALL_ARMS = ("master", *QUANTIZED_ARMS, *PEER_ARMS)
 
@@ -154,7 +159,8 @@ class BenchConfig:
     state_dtype: str = "bfloat16"  # optimizer states of the no-master arms (naive, ECO)
     arms: tuple[str, ...] = ALL_ARMS
     seeds: int = 3
-    multi_seed_arms: tuple[str, ...] = ("master", "eco-sr", "eco-sr-lowbit")  # and every "eco-sr:M/V" arm
+    # and every "eco-sr:M/V" arm:
+    multi_seed_arms: tuple[str, ...] = ("master", "eco-sr", "eco-sr-lowbit", "eco-sr-8bit")
     device: str = "cpu"
     threads: int = 0  # 0: all cores
     data: str | None = None
@@ -325,6 +331,10 @@ def build_arm(arm: str, cfg: BenchConfig, seed: int, device: torch.device):
         import optimi
 
         return model, optimi.AdamW(groups, **common, kahan_sum=True)
+    if arm == "torchao4bit":
+        import torchao.optim
+
+        return model, torchao.optim.AdamW4bit(groups, **common)
     raise ValueError(f"unknown arm {arm!r}; choose from {', '.join(ALL_ARMS)}")
 
 
@@ -374,7 +384,10 @@ def run_arm(arm: str, seed: int, cfg_dict: dict, data_dir: str) -> dict:
     for step in range(1, cfg.steps + 1):
         lr = lr_at(step, cfg)
         for group in opt.param_groups:
-            group["lr"] = lr
+            if isinstance(group["lr"], torch.Tensor):  # torchao keeps lr as a tensor, updated in place
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
         x, y = windows(train, torch.randint(0, len(train) - cfg.seq_len - 1, (cfg.batch_size,),
                                             generator=batch_gen), cfg.seq_len)
         logits = forward(model, x.to(device), upcast)
@@ -600,7 +613,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, int]:
     p.add_argument("--n-heads", type=int)
     p.add_argument("--eval-every", type=int)
     p.add_argument("--eval-batches", type=int)
-    p.add_argument("--seeds", type=int, help="seeds for the multi-seed arms (master, eco-sr, eco-sr-lowbit, "
+    p.add_argument("--seeds", type=int, help=f"seeds for the multi-seed arms ({', '.join(defaults.multi_seed_arms)}, "
                    f"{STATE_ARM_PREFIX}M/V)")
     p.add_argument("--state-dtype", choices=("bfloat16", "float32"), help="optimizer states of naive/ECO arms")
     p.add_argument("--data", help="train on this text file instead of the standard library source")

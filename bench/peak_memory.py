@@ -77,6 +77,7 @@ import torch
 import torch.nn as nn
 
 import eco
+from eco.memory import inner_tensors, storage_key
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PHASES = ("forward", "backward", "step")
@@ -297,20 +298,6 @@ class Meter:
         return self._status("VmHWM")
 
 
-def _inner_tensors(t: torch.Tensor) -> list[torch.Tensor]:
-    """The plain tensors that hold ``t``'s bytes (a wrapper subclass such as QuantizedTensor holds none itself)."""
-    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
-
-    if not is_traceable_wrapper_subclass(t):
-        return [t]
-    names, _ = t.__tensor_flatten__()
-    return [inner for name in names for inner in _inner_tensors(getattr(t, name))]
-
-
-def _storage_key(t: torch.Tensor):
-    return t.device, t.untyped_storage().data_ptr()
-
-
 class SavedTensorCensus:
     """Bytes autograd saves for backward, by kind (``CENSUS_KINDS``); each storage counted once.
 
@@ -321,7 +308,7 @@ class SavedTensorCensus:
         self.shared: set = set()  # storages of the parameters (codes and scales of quantized ones)
         self.weight_numels: set[int] = set()  # numel of each 2+-D parameter and of one expert of a 3-D one
         for p in model.parameters():
-            self.shared.update(_storage_key(t) for t in _inner_tensors(p))
+            self.shared.update(storage_key(t) for t in inner_tensors(p))
             if p.dim() >= 2:
                 self.weight_numels.add(p.numel())
             if p.dim() == 3:
@@ -331,8 +318,8 @@ class SavedTensorCensus:
         self._seen: set = set()
 
     def kind(self, t: torch.Tensor) -> str:
-        inners = _inner_tensors(t)
-        if any(_storage_key(i) in self.shared for i in inners):
+        inners = inner_tensors(t)
+        if any(storage_key(i) in self.shared for i in inners):
             return "weights (shared)"
         if inners == [t] and t.numel() in self.weight_numels:
             return "weight copies"
@@ -341,8 +328,8 @@ class SavedTensorCensus:
     def add(self, t: torch.Tensor) -> None:
         kind = self.kind(t)
         self.count[kind] += 1
-        for inner in _inner_tensors(t):
-            key = _storage_key(inner)
+        for inner in inner_tensors(t):
+            key = storage_key(inner)
             if key not in self._seen:
                 self._seen.add(key)
                 if kind != "weights (shared)":
@@ -359,34 +346,16 @@ class SavedTensorCensus:
         return {"bytes": dict(self.bytes), "count": dict(self.count)}
 
 
-class _StateView:
-    """An optimizer's state with wrapper-subclass states (torchao's low-bit states) as their inner tensors,
-    so that ``eco.memory_report`` counts their bytes."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer):
-        self.state = {}
-        for p, state in optimizer.state.items():
-            flat = {}
-            for key, value in state.items():
-                if isinstance(value, torch.Tensor):
-                    inners = _inner_tensors(value)
-                    for i, inner in enumerate(inners):
-                        flat[key if i == 0 else f"{key}.{i}"] = inner
-                else:
-                    flat[key] = value
-            self.state[p] = flat
-
-
 def static_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """``eco.memory_report`` of the model and optimizer, split into weights and optimizer states."""
-    report = eco.memory_report(model, _StateView(optimizer))
+    report = eco.memory_report(model, optimizer)
     by_kind = report.bytes_by_kind
     weights = sum(by_kind.get(k, 0) for k in ("weight codes", "weight scales", "unquantized params"))
     return dict(report.as_dict(), weights=weights, optimizer_states=report.total_bytes - weights)
 
 
 def gradient_bytes(model: nn.Module) -> int:
-    grads = {_storage_key(p.grad): p.grad.untyped_storage().nbytes() for p in model.parameters() if p.grad is not None}
+    grads = {storage_key(p.grad): p.grad.untyped_storage().nbytes() for p in model.parameters() if p.grad is not None}
     return sum(grads.values())
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from .distributed import local_tensor
 from .qparam import QuantizedTensor
@@ -74,6 +75,15 @@ def storage_key(t: torch.Tensor) -> tuple:
     return (t.device, t.untyped_storage().data_ptr())
 
 
+def inner_tensors(t: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors that hold ``t``'s bytes: ``t`` itself, or, for a wrapper subclass (a QuantizedTensor,
+    torchao's low-bit optimizer states), the tensors it flattens to, which hold its bytes."""
+    if not is_traceable_wrapper_subclass(t):
+        return [t]
+    names, _ = t.__tensor_flatten__()
+    return [inner for name in names for inner in inner_tensors(getattr(t, name))]
+
+
 def memory_report(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> MemoryReport:
     """Count the bytes of weights (codes, scales, unquantized params) and optimizer state.
 
@@ -83,11 +93,11 @@ def memory_report(model: nn.Module, optimizer: torch.optim.Optimizer | None = No
     report = MemoryReport(num_params=0)
 
     def add(kind: str, t: torch.Tensor) -> None:
-        key = storage_key(t)
-        if key in seen:
-            return
-        seen.add(key)
-        report.bytes_by_kind[kind] = report.bytes_by_kind.get(kind, 0) + t.untyped_storage().nbytes()
+        for inner in inner_tensors(t):
+            key = storage_key(inner)
+            if key not in seen:
+                seen.add(key)
+                report.bytes_by_kind[kind] = report.bytes_by_kind.get(kind, 0) + inner.untyped_storage().nbytes()
 
     for param in dict.fromkeys(model.parameters()):
         p = local_tensor(param)

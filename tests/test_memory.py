@@ -61,6 +61,19 @@ def test_each_storage_is_counted_once():
     assert report.total_bytes == 64 * 64 * 4
 
 
+def test_wrapper_subclass_states_count_their_inner_tensors():
+    # Peers such as torchao keep low-bit states in wrapper subclasses, which own no storage themselves.
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    model = linear_stack(width=64, depth=1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    weight = model[0].weight
+    codes = torch.zeros(64, 64, dtype=torch.uint8)
+    opt.state[weight]["exp_avg"] = TwoTensor(codes, codes.clone())
+    report = eco.memory_report(model, opt)
+    assert report.bytes_by_kind["momentum (m)"] == 2 * 64 * 64
+
+
 @pytest.mark.parametrize("fmt, states, limit", [
     (eco.INT4(group_size=128), dict(momentum="8bit", second_moment="factored"), 1.6),
     (eco.FP8(), dict(momentum="8bit", second_moment="factored"), 2.1),

@@ -150,8 +150,11 @@ def test_low_bit_state_arms_pass_their_state_formats():
     assert lowbit.state_formats["exp_avg_sq"].name == "factored"
     assert lowbit.state_formats["exp_avg"].name in ("int8", "fp8")
     assert [named.state_formats[k].name for k in ("exp_avg", "exp_avg_sq")] == ["fp8", "fp8"]
+    _, eight_bit = B.build_arm("eco-sr-8bit", cfg, seed=0, device=torch.device("cpu"))
+    assert [eight_bit.state_formats[k].name for k in ("exp_avg", "exp_avg_sq")] == ["int8", "fp8"]
     assert B.arm_label("eco-sr:fp8/fp8", "fp8") == "FP8 ECO, SR, m/v fp8/fp8"
-    assert ("eco-sr-lowbit", 1) in B.plan_runs(dataclasses.replace(cfg, arms=("eco-sr-lowbit",), seeds=2))[0]
+    for arm in ("eco-sr-lowbit", "eco-sr-8bit"):
+        assert (arm, 1) in B.plan_runs(dataclasses.replace(cfg, arms=(arm,), seeds=2))[0]
     with pytest.raises(ValueError, match="momentum must be one of"):
         B.run_benchmark(dataclasses.replace(cfg, arms=("eco-sr:int3/fp32",)))
     with pytest.raises(ValueError, match="spelled eco-sr:M/V"):
