@@ -16,8 +16,10 @@ from the same saved checkpoint with the same data, learning rate and seed:
     eco-stochastic-lowbit  ECO, stochastic rounding, 8-bit momentum + factored second moment
     naive           no master copy, no error feedback, round-to-nearest
     naive-stochastic  no master copy, no error feedback, stochastic rounding
+    naive-stochastic-lowbit  naive-stochastic with 8-bit momentum + factored second moment
 
     python examples/moe_int4_finetune.py
+    python examples/moe_int4_finetune.py --seeds 3   # every arm with fine-tuning seeds 0, 1, 2
 
 A real checkpoint on your GPU (any local Mixtral / Qwen-MoE / DeepSeek-MoE /
 OLMoE checkpoint, fused 3-D experts or a list of Linear experts):
@@ -50,6 +52,8 @@ ARMS = {
     "eco-stochastic-lowbit": dict(rounding="stochastic", momentum="8bit", second_moment="factored"),
     "naive": dict(error_feedback=False, rounding="nearest"),
     "naive-stochastic": dict(error_feedback=False, rounding="stochastic"),
+    "naive-stochastic-lowbit": dict(error_feedback=False, rounding="stochastic", momentum="8bit",
+                                    second_moment="factored"),
 }
 BASELINE_ARM = "int4-master"
 # Module names that hold experts: Mixtral/Qwen-MoE/OLMoE/DeepSeek ``experts``,
@@ -194,6 +198,10 @@ MEMORY_SETTINGS = [
      lambda params: eco.AdamW(params, lr=1e-3, master_weights=True)),
     ("ECO INT4, fp32 states", True, lambda params: eco.AdamW(params, lr=1e-3)),
     ("ECO INT4, bf16 states", True, lambda params: eco.AdamW(params, lr=1e-3, state_dtype=torch.bfloat16)),
+    ("ECO INT4, 8-bit m + 8-bit v", True,
+     lambda params: eco.AdamW(params, lr=1e-3, momentum="8bit", second_moment="8bit")),
+    ("ECO INT4, 8-bit m + factored v", True,
+     lambda params: eco.AdamW(params, lr=1e-3, momentum="8bit", second_moment="factored")),
 ]
 
 
@@ -221,7 +229,8 @@ def memory_table(args) -> list[tuple[str, eco.MemoryReport]]:
 
 
 # ---------------------------------------------------------------- arms
-def finetune_arm(arm: str, load_model, train_tokens, eval_sets, args, device) -> dict:
+def finetune_arm(arm: str, load_model, train_tokens, eval_sets, args, device, seed: int) -> dict:
+    """Fine-tune one arm from the saved checkpoint; ``seed`` sets the data order and the rounding draws."""
     model = load_model()
     eco.quantize_(model, eco.INT4(group_size=args.group_size), filter_fn=expert_filter)
     quantized = eco.quantized_parameters(model)
@@ -237,36 +246,59 @@ def finetune_arm(arm: str, load_model, train_tokens, eval_sets, args, device) ->
         options["state_dtype"] = args.state_dtype
     optimizer = eco.AdamW(
         model.parameters(), lr=args.lr, betas=(args.beta1, 0.98), eps=1e-9, weight_decay=args.weight_decay,
-        seed=args.seed, **options,
+        seed=seed, **options,
     )
     set_initial_lr(optimizer, args.lr)
     started = time.perf_counter()
-    train(model, optimizer, train_tokens, args, args.steps, seed=args.seed + 1, device=device, log_prefix=arm)
+    train(model, optimizer, train_tokens, args, args.steps, seed=seed + 1, device=device,
+          log_prefix=f"{arm} (seed {seed})")
     seconds = time.perf_counter() - started
     result = dict(
-        arm=arm, start_loss=start_loss, final_loss=evaluate(model, eval_sets, device), seconds=seconds,
+        arm=arm, seed=seed, start_loss=start_loss, final_loss=evaluate(model, eval_sets, device), seconds=seconds,
         model_report=eco.memory_report(model, optimizer), expert_report=expert_memory(model, optimizer),
         quantized=len(quantized),
     )
     if args.export and arm != BASELINE_ARM:
-        out = Path(args.export) / arm
+        out = Path(args.export) / (arm if seed == args.seed else f"{arm}-seed{seed}")
         eco.export(model, out / "bf16", form="dequantized", dtype=torch.bfloat16)
         eco.export(model, out / "compact", form="compact")
         print(f"  {arm}: exported to {out}/bf16 (plain transformers) and {out}/compact (codes + scales)")
     return result
 
 
+def summarize(results: list[dict]) -> list[dict]:
+    """One row per arm over its seeds: mean and spread of the final loss, and the gap of the means to the baseline."""
+    arms = list(dict.fromkeys(r["arm"] for r in results))
+    rows = []
+    for arm in arms:
+        runs = [r for r in results if r["arm"] == arm]
+        finals = [r["final_loss"] for r in runs]
+        mean = sum(finals) / len(finals)
+        std = (sum((f - mean) ** 2 for f in finals) / (len(finals) - 1)) ** 0.5 if len(finals) > 1 else 0.0
+        rows.append(dict(arm=arm, seeds=len(runs), start_loss=runs[0]["start_loss"], final_loss=mean,
+                         final_loss_std=std, seconds=sum(r["seconds"] for r in runs) / len(runs),
+                         expert_bytes_per_param=runs[0]["expert_report"].bytes_per_param,
+                         model_bytes_per_param=runs[0]["model_report"].bytes_per_param))
+    base = next((r["final_loss"] for r in rows if r["arm"] == BASELINE_ARM), None)
+    for row in rows:
+        row["gap"] = (row["final_loss"] - base) / base if base is not None else None
+    return rows
+
+
 def print_table(results: list[dict]) -> None:
-    base = next((r["final_loss"] for r in results if r["arm"] == BASELINE_ARM), None)
-    header = (f"{'arm':<16}{'start loss':>11}{'final loss':>11}{'gap vs master':>15}"
+    rows = summarize(results)
+    seeds = max(r["seeds"] for r in rows)
+    loss_header = "final loss" if seeds == 1 else f"final loss (mean ± sd, {seeds} seeds)"
+    width = max(24, max(len(r["arm"]) for r in rows) + 2)
+    header = (f"{'arm':<{width}}{'start loss':>11}{loss_header:>{max(11, len(loss_header) + 2)}}{'gap vs master':>15}"
               f"{'experts B/param':>17}{'model B/param':>15}{'time s':>8}")
     print(header)
     print("-" * len(header))
-    for r in results:
-        gap = f"{100 * (r['final_loss'] - base) / base:+.2f}%" if base is not None else "n/a"
-        print(f"{r['arm']:<16}{r['start_loss']:>11.4f}{r['final_loss']:>11.4f}{gap:>15}"
-              f"{r['expert_report'].bytes_per_param:>17.3f}{r['model_report'].bytes_per_param:>15.3f}"
-              f"{r['seconds']:>8.1f}")
+    for r in rows:
+        gap = f"{100 * r['gap']:+.2f}%" if r["gap"] is not None else "n/a"
+        loss = f"{r['final_loss']:.4f}" if seeds == 1 else f"{r['final_loss']:.4f} ± {r['final_loss_std']:.4f}"
+        print(f"{r['arm']:<{width}}{r['start_loss']:>11.4f}{loss:>{max(11, len(loss_header) + 2)}}{gap:>15}"
+              f"{r['expert_bytes_per_param']:>17.3f}{r['model_bytes_per_param']:>15.3f}{r['seconds']:>8.1f}")
 
 
 # ---------------------------------------------------------------- main
@@ -291,7 +323,10 @@ def parse_args(argv=None):
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--eval-batches", type=int, default=8)
     p.add_argument("--state-dtype", choices=["fp32", "bf16"], default="fp32")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the pre-training and of the first fine-tuning run")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="fine-tune every arm with seeds --seed .. --seed+N-1 (data order, rounding draws) from the\n"
+                        "same pre-trained model, and report the mean and spread")
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--memory-table", action="store_true",
                    help="only print the measured bytes/param of the expert weights in each memory setting")
@@ -315,6 +350,8 @@ def parse_args(argv=None):
     unknown = [a for a in args.arms if a not in ARMS]
     if unknown:
         p.error(f"unknown arm(s) {unknown}; choose from {list(ARMS)}")
+    if args.seeds < 1:
+        p.error(f"--seeds must be at least 1, got {args.seeds}")
     args.state_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.state_dtype]
     if args.dtype is None:
         args.dtype = "bf16" if args.device.startswith("cuda") else "fp32"
@@ -383,7 +420,8 @@ def main(argv=None) -> list[dict]:
 
     print(f"fine-tuning on {len(train_tokens):,} tokens ({args.steps} steps x {args.batch_size} x {args.seq_len}), "
           f"experts in {eco.INT4(group_size=args.group_size)}, lr {args.lr}, arms: {', '.join(args.arms)}")
-    results = [finetune_arm(arm, load_model, train_tokens, eval_sets, args, device) for arm in args.arms]
+    results = [finetune_arm(arm, load_model, train_tokens, eval_sets, args, device, seed)
+               for seed in range(args.seed, args.seed + args.seeds) for arm in args.arms]
     print()
     print(f"held-out loss after fine-tuning ({len(eval_sets) * args.batch_size} windows of {args.seq_len} tokens); "
           "B/param = static bytes per parameter from eco.memory_report (weights + optimizer state)")

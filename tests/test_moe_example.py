@@ -58,6 +58,33 @@ def test_model_and_dataset_options(tmp_path):
         example.main(["--arms", "eco-magic"])
 
 
+def test_seeds_give_one_row_per_arm_with_the_spread(tmp_path, capsys):
+    threads = torch.get_num_threads()
+    try:
+        results = example.main(TOY + ["--workdir", str(tmp_path / "work"), "--seeds", "2",
+                                      "--arms", "int4-master,naive-stochastic-lowbit"])
+    finally:
+        torch.set_num_threads(threads)
+    assert [(r["arm"], r["seed"]) for r in results] == [
+        ("int4-master", 0), ("naive-stochastic-lowbit", 0), ("int4-master", 1), ("naive-stochastic-lowbit", 1)]
+    # Two seeds draw different data orders and roundings.
+    assert results[0]["final_loss"] != results[2]["final_loss"]
+    rows = {r["arm"]: r for r in example.summarize(results)}
+    master = [r["final_loss"] for r in results if r["arm"] == "int4-master"]
+    assert rows["int4-master"]["seeds"] == 2 and rows["int4-master"]["final_loss"] == pytest.approx(sum(master) / 2)
+    assert rows["int4-master"]["gap"] == 0.0
+    assert 1.5 < rows["naive-stochastic-lowbit"]["expert_bytes_per_param"] < 1.8
+    assert "mean ± sd, 2 seeds" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        example.main(["--seeds", "0"])
+
+
+def test_memory_table_has_the_low_bit_state_rows(capsys):
+    rows = dict(example.main(["--memory-table", "--hidden", "32", "--layers", "1", "--experts", "4"]))
+    assert rows["ECO INT4, 8-bit m + factored v"].bytes_per_param < rows["ECO INT4, 8-bit m + 8-bit v"].bytes_per_param
+    assert rows["ECO INT4, 8-bit m + 8-bit v"].bytes_per_param < rows["ECO INT4, bf16 states"].bytes_per_param
+
+
 def test_expert_filter_names():
     f, w2, w3 = example.expert_filter, torch.zeros(4, 4), torch.zeros(2, 4, 4)
     assert f("model.layers.0.mlp.experts.gate_up_proj", w3)                      # Mixtral, Qwen-MoE, OLMoE (5.x)
