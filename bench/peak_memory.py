@@ -193,6 +193,7 @@ def all_arms() -> list[Arm]:
             ("", "bf16 states, default step (CPU: eager reference)", "auto", False, False),
             ("/compiled", "bf16 states, compiled step", "compiled", False, False),
             ("/compiled/model-compiled", "bf16 states, compiled step, torch.compile(model)", "compiled", True, False),
+            ("-m8-vfactored", "8-bit m + factored v, default step (CPU: eager reference)", "auto", False, True),
             ("-m8-vfactored/compiled", "8-bit m + factored v, compiled step", "compiled", False, True),
         ]
         for suffix, label, backend, compile_model, low_bit in variants:

@@ -97,7 +97,8 @@ def test_arms_are_unique_and_features_are_detected(pm):
     assert len({a.name for a in arms}) == len(arms)
     names = {a.name for a in arms}
     assert {"bf16-adamw", "fp32-adamw", "bnb-adamw8bit", "torchao-adamw4bit", "eco-fp8-row/compiled",
-            "eco-int4-g128/release", "eco-int4-g128/compiled/model-compiled"} <= names
+            "eco-int4-g128/release", "eco-int4-g128/compiled/model-compiled",
+            "eco-int4-g128-m8-vfactored/release"} <= names
     cpu = torch.device("cpu")
     release = next(a for a in arms if a.name == "eco-int4-g128/release")
     reason = pm.unavailable_reason(release, cpu)
