@@ -149,8 +149,8 @@ MODELS = {"linear": linear_stack, "mixtral": mixtral}
 ECO_FORMATS = {"fp8-row": lambda: eco.FP8(), "int4-g128": lambda: eco.INT4(group_size=128)}
 # Features that other work adds to eco.AdamW, detected by keyword. A landed feature with another
 # spelling needs only these two lines changed.
-RELEASE_OPTION = {"gradient_release": True}  # issue 15: step each parameter during backward, free its gradient
-LOW_BIT_STATE_OPTIONS = {"momentum": "int8", "second_moment": "factored"}  # issue 16
+RELEASE_OPTION = {"gradient_release": True}  # step each parameter during backward, free its gradient
+LOW_BIT_STATE_OPTIONS = {"momentum": "int8", "second_moment": "factored"}  # 8-bit m and a factored v
 
 
 @dataclass(frozen=True)
@@ -216,9 +216,9 @@ def unavailable_reason(arm: Arm, device: torch.device) -> str | None:
     keywords = set(inspect.signature(eco.AdamW).parameters)
     missing = []
     if arm.release and not set(RELEASE_OPTION) <= keywords:
-        missing.append(f"eco.AdamW has no {'/'.join(RELEASE_OPTION)} option yet (gradient release, issue 15)")
+        missing.append(f"eco.AdamW has no {'/'.join(RELEASE_OPTION)} option (gradient release)")
     if arm.low_bit_states and not set(LOW_BIT_STATE_OPTIONS) <= keywords:
-        missing.append(f"eco.AdamW has no {'/'.join(LOW_BIT_STATE_OPTIONS)} options yet (low-bit states, issue 16)")
+        missing.append(f"eco.AdamW has no {'/'.join(LOW_BIT_STATE_OPTIONS)} options (low-bit states)")
     if arm.backend == "compiled" and device.type != "cpu":
         missing.append("backend='compiled' is eco's CPU path")
     if missing:
@@ -705,7 +705,7 @@ def step_markdown(result: dict) -> str:
              f"median of {result['repeats']} run(s), each in a fresh process; bf16 logical weight, bf16 gradient "
              "and bf16 states, stochastic rounding.  ",
              f"Method: {result['method']}: temporaries = peak during the second `optimizer.step()` (states "
-             "allocated by the first) minus the memory before it. Target (issue 15): at most 64 MiB, not growing "
+             "allocated by the first) minus the memory before it. Target: at most 64 MiB, not growing "
              "with the tensor.", "",
              "| format | backend | shape | temporaries (MiB) | bytes/element | spread (MiB) |",
              "|---|---|---|---:|---:|---:|"]
