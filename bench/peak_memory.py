@@ -169,11 +169,10 @@ class Arm:
         return self.weights in ECO_FORMATS
 
     def eco_options(self) -> dict:
-        options = dict(state_dtype=torch.bfloat16, seed=0, backend=self.backend)
+        states = LOW_BIT_STATE_OPTIONS if self.low_bit_states else {"state_dtype": torch.bfloat16}
+        options = dict(states, seed=0, backend=self.backend)
         if self.release:
             options.update(RELEASE_OPTION)
-        if self.low_bit_states:
-            options.update(LOW_BIT_STATE_OPTIONS)
         return options
 
 

@@ -174,3 +174,16 @@ def test_tiny_step_temporaries(pm, tmp_path):
     assert all(r["temporaries_bytes"] > 0 and r["bytes_per_element"] > 0 for r in rows)
     assert json.loads(out.with_name("steps.json").read_text())["rows"][1]["numel"] == 16 * 64 * 256
     assert "| int4-g128 | auto | 16x64x256 |" in out.with_name("steps.md").read_text()
+
+
+def test_every_eco_arm_builds_its_optimizer(pm):
+    import eco
+
+    for arm in pm.all_arms():
+        if arm.optimizer != "eco":
+            continue
+        model = torch.nn.Linear(64, 64, bias=False)
+        eco.quantize_(model, eco.FP8())
+        opt = eco.AdamW(model.parameters(), lr=1e-3, **arm.eco_options())
+        names = {opt.state_formats[k].name for k in ("exp_avg", "exp_avg_sq")}
+        assert names == ({"int8", "factored"} if arm.low_bit_states else {"bf16"}), arm.name
