@@ -167,6 +167,7 @@ class BenchConfig:
     out: str = "bench/results"
     name: str = "memory_loss"
     progress: bool = True
+    reuse: str | None = None  # results JSON of an earlier run whose format-independent runs are taken over
 
 
 PRESETS = {
@@ -431,6 +432,28 @@ def run_arm(arm: str, seed: int, cfg_dict: dict, data_dir: str) -> dict:
 
 # ------------------------------------------------------------------ many runs
 
+#: settings that do not change what a run computes (output, scheduling, which arms and formats are run)
+_NOT_TRAINING = {"format", "arms", "seeds", "multi_seed_arms", "threads", "out", "name", "progress", "reuse"}
+
+
+def format_independent(arm: str) -> bool:
+    """The fp32 master and peer arms never quantize: the same run for ``--format fp8`` and ``int4``."""
+    return arm == "master" or arm in PEER_ARMS
+
+
+def reusable_runs(cfg: BenchConfig) -> dict[tuple[str, int], dict]:
+    """``{(arm, seed): result}`` of the format-independent runs in ``cfg.reuse`` (a results JSON), which must
+    come from the same training settings."""
+    if not cfg.reuse:
+        return {}
+    earlier = json.loads(Path(cfg.reuse).read_text())
+    ours = json.loads(json.dumps(dataclasses.asdict(cfg), default=_json_default))
+    differ = sorted(k for k in ours if k not in _NOT_TRAINING and earlier["config"].get(k) != ours[k])
+    if differ:
+        raise ValueError(f"--reuse {cfg.reuse}: its runs used other settings ({', '.join(differ)}); rerun them "
+                         "instead")
+    return {(r["arm"], r["seed"]): r for r in earlier["runs"] if format_independent(r["arm"])}
+
 def plan_runs(cfg: BenchConfig) -> tuple[list[tuple[str, int]], list[str]]:
     """The ``(arm, seed)`` runs to do, and a printed line for every peer arm skipped."""
     runs, notes = [], []
@@ -543,13 +566,19 @@ def run_benchmark(cfg: BenchConfig, jobs: int = 1, log=print, command: str = "ec
     train, val, corpus = load_corpus(cfg.data)
     check_corpus(train, val, cfg.seq_len)
     runs_planned, notes = plan_runs(cfg)
+    reusable = reusable_runs(cfg)
+    reused = [reusable[run] for run in runs_planned if run in reusable]
+    runs_planned = [run for run in runs_planned if run not in reusable]
+    if reused:
+        notes.append(f"{len(reused)} runs of format-independent arms "
+                     f"({', '.join(dict.fromkeys(r['arm'] for r in reused))}) taken from {cfg.reuse}")
     for note in notes:
         log(note)
     log(f"corpus: {corpus}: {len(train):,} training bytes, {len(val):,} validation bytes")
     log(f"{len(runs_planned)} training runs of {cfg.steps} steps ({cfg.format}), {jobs} at a time")
     start = time.perf_counter()
     cfg_dict = dataclasses.asdict(cfg)
-    results = []
+    results = list(reused)
     with tempfile.TemporaryDirectory() as data_dir:
         np.save(Path(data_dir) / "train.npy", train)
         np.save(Path(data_dir) / "val.npy", val)
@@ -625,11 +654,15 @@ def parse_args(argv: list[str] | None = None) -> tuple[BenchConfig, int]:
     p.add_argument("--out", help=f"output folder (default {defaults.out})")
     p.add_argument("--name", help="output file stem (default memory_loss[_quick][_int4])")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--reuse", metavar="JSON", help="take the runs of the format-independent arms (master, peers) "
+                   "from an earlier results JSON with the same settings, e.g. --format int4 --reuse "
+                   "bench/results/memory_loss.json")
     args = p.parse_args(argv)
 
     values = dict(PRESETS["quick" if args.quick else "default"])
     for field in ("format", "steps", "warmup", "lr", "batch_size", "seq_len", "d_model", "n_layers", "n_heads",
-                  "eval_every", "eval_batches", "seeds", "state_dtype", "data", "device", "threads", "out", "name"):
+                  "eval_every", "eval_batches", "seeds", "state_dtype", "data", "device", "threads", "out", "name",
+                  "reuse"):
         value = getattr(args, field)
         if value is not None:
             values[field] = value

@@ -54,6 +54,17 @@ def test_tiny_run_writes_well_formed_outputs(tmp_path, text_file, capsys):
     png = (out / "t.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
 
+    # A second run takes the format-independent runs (master, peers) over from the first instead of rerunning.
+    reuse = ["--data", str(text_file), "--out", str(out), "--name", "t2", "--reuse", str(out / "t.json")]
+    assert B.main([*TINY, "--arms", "master,naive-rtn", *reuse]) == 0
+    second = json.loads((out / "t2.json").read_text())
+    assert [r for r in second["runs"] if r["arm"] == "master"] == [r for r in runs if r["arm"] == "master"]
+    assert [r["arm"] for r in second["runs"]] == ["master", "master", "naive-rtn"]
+    assert "taken from" in (out / "t2.md").read_text()
+    capsys.readouterr()
+    assert B.main([*TINY, "--arms", "master,naive-rtn", *reuse, "--steps", "5"]) == 2
+    assert "its runs used other settings (steps)" in capsys.readouterr().err
+
 
 @pytest.mark.parametrize("arm", sorted(B.PEER_ARMS))
 def test_peer_arm_trains_on_bf16_weights(arm, tmp_path, text_file):
