@@ -250,8 +250,7 @@ MOMENTUM_FORMATS = {"fp32": FP32_STATE, "bf16": BF16_STATE, "int8": INT8_STATE, 
 SECOND_MOMENT_FORMATS = {"fp32": FP32_STATE, "bf16": BF16_STATE, "fp8": FP8_V_STATE, "factored": FACTORED_STATE}
 #: what ``"8bit"`` means for each state. m: int8 and E4M3 gave the same loss
 #: (bench/results/state_formats_fp8.md); int8 spends its 255 levels evenly over a
-#: block, and the fused kernels cover the int8 pairs. v: a non-negative value of
-#: wide range, stored as E4M3 of sqrt(v).
+#: block. v: a non-negative value of wide range, stored as E4M3 of sqrt(v).
 EIGHT_BIT = {"momentum": "int8", "second_moment": "fp8"}
 
 

@@ -5,14 +5,13 @@ constexprs, warps and options from it; the tests launch through the same
 entries; ahead-of-time compilation walks the whole list. So what is compiled
 ahead of time is exactly what runs.
 
-Which state formats have kernels (the rest run on ``eco.reference``, per
-tensor, see ``eco.kernels.steps``): for quantized weights the (m, v) pairs
-of :data:`STEP_STATES` (fp32 master copies only with fp32 or bf16 states);
-many small weights share one launch for the pairs of :data:`MULTI_STATES`
-(the others take one launch per weight). Plain parameters run the flat plain
-kernels with fp32 or bf16 states, and the step kernel's tiles for the pairs
-of :data:`PLAIN_TILE_STATES` (an 8-bit m; a factored, 8-bit or, for 1-D
-parameters under a factored configuration, fp32 v).
+Which state formats have kernels: every (m, v) pair of ``eco.states``
+formats (:data:`STEP_STATES`), for quantized weights with and without an
+fp32 master copy; many small weights share one launch for the pairs of
+:data:`MULTI_STATES` (the others take one launch per weight). Plain
+parameters run the flat plain kernels when both moments are fp32 or both
+bf16 (:data:`PLAIN_STATES`), and the step kernel's tiles for every other pair
+(:data:`PLAIN_TILE_STATES`).
 
 Fields of a :class:`KernelSpec`:
 
@@ -64,6 +63,7 @@ from dataclasses import dataclass, field
 import torch
 
 from eco import formats
+from eco import states as state_formats
 from eco.formats import ROUNDINGS
 
 from . import eco_step, moments
@@ -89,24 +89,23 @@ OPTIMIZERS = {"adamw": eco_step.OPT_ADAMW.value, "sgd": eco_step.OPT_SGD.value}
 STATE_FORMATS = {"fp32": moments.STATE_FP32.value, "bf16": moments.STATE_BF16.value,
                  "int8": moments.STATE_INT8.value, "fp8": moments.STATE_FP8.value,
                  "factored": moments.STATE_FACTORED.value}
-#: (m, v) state formats with step kernels for quantized weights (v None: SGD)
+#: (m, v) state formats with step kernels for quantized weights, with and without an fp32 master copy (v None:
+#: SGD): every pair of ``eco.states`` formats
 STEP_STATES = {
-    "adamw": (("fp32", "fp32"), ("bf16", "bf16"), ("int8", "factored"), ("int8", "fp8")),
-    "sgd": (("fp32", None), ("bf16", None), ("int8", None)),
+    "adamw": tuple((m, v) for m in state_formats.MOMENTUM_FORMATS for v in state_formats.SECOND_MOMENT_FORMATS),
+    "sgd": tuple((m, None) for m in state_formats.MOMENTUM_FORMATS),
 }
 #: the pairs whose small weights also share multi-tensor launches (the others: one launch per weight)
 MULTI_STATES = {
     "adamw": (("fp32", "fp32"), ("bf16", "bf16"), ("int8", "factored")),
     "sgd": (("fp32", None), ("bf16", None)),
 }
-#: the pairs with kernels for weights that keep an fp32 master copy
-MASTER_STATES = (("fp32", "fp32"), ("bf16", "bf16"), ("fp32", None), ("bf16", None))
 #: plain parameters whose states the flat plain kernels store (both moments in one dtype)
 PLAIN_STATES = ("fp32", "bf16")
-#: plain parameters stepped on the step kernel's tiles (single and multi-tensor)
+#: plain parameters stepped on the step kernel's tiles (single and multi-tensor): every other pair
 PLAIN_TILE_STATES = {
-    "adamw": (("int8", "factored"), ("int8", "fp8"), ("int8", "fp32")),
-    "sgd": (("int8", None),),
+    name: tuple((m, v) for m, v in pairs if not (m in PLAIN_STATES and v in (None, m)))
+    for name, pairs in STEP_STATES.items()
 }
 
 
@@ -236,7 +235,7 @@ def _step_specs(multi: bool = False) -> list[KernelSpec]:
             passes = (0, 1) if config["group_size"] is None else (1,)
             for states in (MULTI_STATES if multi else STEP_STATES)[opt_name]:
                 for grad in GRAD_DTYPES:
-                    for master in ((False, True) if states in MASTER_STATES else (False,)):
+                    for master in (False, True):
                         for pass_ in passes:
                             for rounding in (ROUNDINGS if pass_ == 1 else ("nearest",)):
                                 specs.append(_step_spec(opt_name, config, states, grad, master, pass_, rounding,

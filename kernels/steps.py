@@ -7,12 +7,12 @@ Row-wise FP8 and tensor-wise INT4 take two passes (the absmax of the whole
 row/matrix first). A factored second moment adds two launches after the step
 (``moments.factored_stats_kernel``, ``moments.factored_finalize_kernel``).
 
-Not run as kernels (they go to ``eco.reference`` on the same device, tensor by
-tensor, with the same seeds): ``update_weight=False`` (moments only, a rare
-step); state formats without a specialization (``specs.STEP_STATES``,
-``specs.MASTER_STATES``, ``specs.PLAIN_STATES``, ``specs.PLAIN_TILE_STATES``:
-e.g. an fp8 m, a bf16 m with a factored v, 8-bit states with a master copy);
-a plain parameter whose gradient has another dtype.
+Every pair of state formats (``eco.states``) has kernels, with and without a
+master copy (``specs.STEP_STATES``; plain parameters: ``specs.PLAIN_STATES``
+and ``specs.PLAIN_TILE_STATES``). Not run as kernels (they go to
+``eco.reference`` on the same device, tensor by tensor, with the same seeds):
+``update_weight=False`` (moments only, a rare step) and a plain parameter
+whose gradient has another dtype.
 
 Workspace (temporary device memory of one step, besides the launch tables):
 row-wise FP8 and tensor-wise INT4 keep two int32 words per row/matrix (the new

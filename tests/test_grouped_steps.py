@@ -140,16 +140,19 @@ def test_grouped_step_equals_one_step_per_weight(name, rounding, optimizer, pair
                for a, b in zip(each, weights, strict=True))
 
 
-@pytest.mark.parametrize("name", ["fp8-row", "int4-group32"])
-def test_grouped_step_with_master_weights_and_fp32_states(name, launches):
-    """The master-weight baseline through the multi kernel (fp32 states and gradients): masters equal too."""
+@pytest.mark.parametrize("name, pair, rounding", [("fp8-row", ("fp32", "fp32"), "nearest"),
+                                                  ("int4-group32", ("fp32", "fp32"), "nearest"),
+                                                  ("int4-tensor", ("int8", "factored"), "stochastic")])
+def test_grouped_step_with_master_weights(name, pair, rounding, launches):
+    """The master-weight baseline through the multi kernel (fp32 gradients): masters equal too."""
     fmt = FORMATS[name]
-    shapes = shapes_for(fmt)
-    weights = make_weights(fmt, shapes, "adamw", ("fp32", "fp32"), torch.float32, master=True, seed=1)
+    shapes = shapes_for(fmt, pair)
+    weights = make_weights(fmt, shapes, "adamw", pair, torch.float32, master=True, seed=1)
     each, grouped = clone(weights), clone(weights)
-    step_each("adamw", fmt, shapes, each, 1, "nearest", [None] * len(shapes))
+    seeds = [50 + i for i in range(len(shapes))]
+    step_each("adamw", fmt, shapes, each, 1, rounding, seeds)
     del launches[:]
-    step_grouped("adamw", fmt, shapes, grouped, 1, "nearest", [None] * len(shapes))
+    step_grouped("adamw", fmt, shapes, grouped, 1, rounding, seeds)
     assert_weights_equal(grouped, each)
     assert sum(n.startswith("multi/") and n.endswith("/master") for n in launches) == passes(fmt), launches
     assert not torch.equal(each[0]["master"], weights[0]["master"])

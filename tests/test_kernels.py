@@ -20,6 +20,7 @@ import eco
 from eco import kernels, reference, rng, states
 from eco.formats import ZERO_GROUP_ABSMAX, format_from_config, format_tag
 from eco.kernels import eco_step, launcher, moments, specs, traffic
+from eco.kernels import steps as kernel_steps
 from eco.reference import Moment
 from tests.helpers import assert_bits_equal, assert_same_training_state, bits, traffic_table
 
@@ -143,13 +144,25 @@ STATE_SHAPES = {"fp8-row": (3, 200), "int4-tensor": (2, 3, 165), "fp8-block32": 
                 "fp8-block128": (2, 3, 128), "int4-group128": (3, 256)}
 
 
+FORMAT_BY_TAG = {format_tag(fmt): fmt for fmt in FORMATS}
+GROUPS = (32, 64, 128)
+
+
+def _pair_formats(j: int) -> list:
+    """Four weight formats for the ``j``-th state pair: both two-pass formats (row-wise FP8, tensor-wise INT4) and
+    one FP8 block and one INT4 group size, rotating over 32, 64 and 128 (so each state format meets every one)."""
+    return [FORMAT_BY_TAG[t] for t in ("fp8-row", "int4-tensor", f"fp8-block{GROUPS[j % 3]}",
+                                       f"int4-group{GROUPS[(j + 1) % 3]}")]
+
+
 def _state_cases():
-    """Every (optimizer, state pair with a kernel, weight format); rounding and gradient dtype rotate so that
-    each pair meets both roundings and both gradient dtypes, and each format all four of their combinations."""
+    """Every (optimizer, state pair) of ``eco.states``, each with four weight formats (:func:`_pair_formats`);
+    rounding and gradient dtype rotate so that each pair meets both roundings and both gradient dtypes, and each
+    weight format many of their combinations (80 cases rather than the 640 of the full product)."""
     cases = []
     for optimizer, pairs in specs.STEP_STATES.items():
         for j, pair in enumerate(pairs):
-            for i, fmt in enumerate(FORMATS):
+            for i, fmt in enumerate(_pair_formats(j)):
                 k = i + j + (optimizer == "sgd")
                 rounding = ("stochastic", "nearest")[k % 2]
                 grad = (torch.bfloat16, torch.float32)[(k // 2) % 2]
@@ -158,10 +171,20 @@ def _state_cases():
     return cases
 
 
+@pytest.fixture
+def no_reference_fallback(monkeypatch):
+    """Fail if the kernel backend hands a step to ``eco.reference`` (a pair without a kernel would pass the
+    bit-identity tests trivially)."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("eco.kernels fell back to the reference")
+
+    monkeypatch.setattr(kernel_steps, "_reference_step", refuse)
+
+
 @pytest.mark.parametrize("optimizer, fmt, pair, rounding, grad_dtype", _state_cases())
-def test_every_state_format_matches_reference(optimizer, fmt, pair, rounding, grad_dtype):
-    """Two steps from random states of every format with a kernel: codes, scales and every state tensor
-    bit-identical, stochastic rounding included (the same random stream, element by element)."""
+def test_every_state_format_matches_reference(optimizer, fmt, pair, rounding, grad_dtype, no_reference_fallback):
+    """Two steps from random states of every pair of state formats: codes, scales and every state tensor
+    bit-identical, stochastic rounding included (the same random stream, element by element), on kernels."""
     shape, state = make_state(fmt, STATE_SHAPES[format_tag(fmt)], optimizer, None, grad_dtype, seed=1,
                               states_=pair)
     ref, ker = clone_state(state), clone_state(state)
@@ -172,20 +195,33 @@ def test_every_state_format_matches_reference(optimizer, fmt, pair, rounding, gr
     assert not torch.equal(bits(ker["exp_avg"].tensors[0]), bits(state["exp_avg"].tensors[0]))
 
 
-@pytest.mark.parametrize("pair", [("fp32", "fp32"), ("bf16", "bf16")], ids=specs.states_tag)
-@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
-@pytest.mark.parametrize("fmt", [eco.FP8(), eco.INT4(group_size=32)], ids=str)
-def test_step_with_master_weights(fmt, optimizer, pair):
+def _master_cases():
+    """Every state pair with a master copy, on one weight format each (the four families in turn) and both
+    roundings in turn."""
+    cases = []
+    for optimizer, pairs in specs.STEP_STATES.items():
+        for j, pair in enumerate(pairs):
+            k = j + (optimizer == "sgd")
+            fmt = _pair_formats(j)[k % 4]
+            rounding = ("stochastic", "nearest")[(k // 4) % 2]
+            cases.append(pytest.param(fmt, optimizer, pair, rounding,
+                                      id=f"{optimizer}-{format_tag(fmt)}-{specs.states_tag(pair)}-{rounding}"))
+    return cases
+
+
+@pytest.mark.parametrize("fmt, optimizer, pair, rounding", _master_cases())
+def test_step_with_master_weights(fmt, optimizer, pair, rounding, no_reference_fallback):
     """The master-weight baseline: the master copy becomes w~, codes are q(w~), nothing is injected."""
-    pair = pair if optimizer == "adamw" else (pair[0], None)
-    shape, state = make_state(fmt, (3, 4, 128), optimizer, None, torch.bfloat16, seed=2, states_=pair)
+    shape, state = make_state(fmt, STATE_SHAPES[format_tag(fmt)], optimizer, None, torch.bfloat16, seed=2,
+                              states_=pair)
     master = fmt.dequantize(state["codes"], state["scales"], shape) + 1e-3
     ref, ker = clone_state(state), clone_state(state)
     ref_master, ker_master = master.clone(), master.clone()
-    run_step(reference, optimizer, fmt, shape, ref, 1, "stochastic", seed=5, master=ref_master)
-    run_step(kernels, optimizer, fmt, shape, ker, 1, "stochastic", seed=5, master=ker_master)
+    run_step(reference, optimizer, fmt, shape, ref, 1, rounding, seed=5, master=ref_master)
+    run_step(kernels, optimizer, fmt, shape, ker, 1, rounding, seed=5, master=ker_master)
     assert_states_equal(ker, ref)
     assert_bits_equal(ker_master, ref_master, "master")
+    assert not torch.equal(ker_master, master)
 
 
 def test_seed_none_draws_from_torch_like_the_reference():
@@ -200,24 +236,11 @@ def test_seed_none_draws_from_torch_like_the_reference():
     assert_states_equal(ker, ref)
 
 
-def test_states_without_a_kernel_run_on_the_reference(monkeypatch):
-    """An fp8 m and 8-bit states with a master copy have no specialization: the reference steps them, with the
-    same seed; nothing is launched."""
+def test_lr_zero_updates_moments_only(monkeypatch):
+    """``update_weight=False`` (lr == 0): moments move, codes and scales do not (same as the reference). The one
+    quantized step the kernels hand to the reference: nothing is launched."""
     launched = []
     monkeypatch.setattr(launcher, "launch", lambda spec, grid, **a: launched.append(spec.name))
-    fmt = eco.FP8(group_size=32)
-    shape, state = make_state(fmt, (2, 128), "adamw", None, torch.bfloat16, states_=("fp8", "factored"))
-    assert specs.find_spec("step", optimizer="adamw", format=fmt.config(), rounding="stochastic",
-                           states=("fp8", "factored"), grad_dtype=torch.bfloat16) is None
-    ref, ker = clone_state(state), clone_state(state)
-    run_step(reference, "adamw", fmt, shape, ref, 1, "stochastic", seed=7)
-    run_step(kernels, "adamw", fmt, shape, ker, 1, "stochastic", seed=7)
-    assert launched == []
-    assert_states_equal(ker, ref)
-
-
-def test_lr_zero_updates_moments_only():
-    """``update_weight=False`` (lr == 0): moments move, codes and scales do not (same as the reference)."""
     fmt = eco.FP8(block_size=32)
     shape, state = make_state(fmt, (3, 128), "adamw", torch.float32, torch.bfloat16, seed=4)
     ref, ker = clone_state(state), clone_state(state)
@@ -227,6 +250,7 @@ def test_lr_zero_updates_moments_only():
                             shape=shape, scalars=scalars, rounding="nearest", seed=None, update_weight=False)
     assert_states_equal(ker, ref)
     assert_bits_equal(ker["codes"], state["codes"], "codes")
+    assert launched == []
 
 
 def test_unsupported_group_size_is_refused_with_a_clear_error():
@@ -307,15 +331,19 @@ def assert_plain_equal(actual, expected, what):
 PLAIN_CASES = [("adamw", torch.float32, ("fp32", "fp32")), ("adamw", torch.bfloat16, ("bf16", "bf16")),
                ("adamw", torch.float32, ("bf16", "bf16")), ("sgd", torch.float32, ("fp32", None)),
                ("sgd", torch.bfloat16, ("bf16", None)), ("adamw", torch.bfloat16, ("int8", "factored")),
-               ("adamw", torch.float32, ("int8", "fp8")), ("sgd", torch.float32, ("int8", None))]
+               ("adamw", torch.float32, ("int8", "fp8")), ("sgd", torch.float32, ("int8", None)),
+               # mixed pairs and an E4M3 m: the step kernel's tiles too
+               ("adamw", torch.bfloat16, ("fp8", "bf16")), ("adamw", torch.float32, ("bf16", "factored")),
+               ("sgd", torch.bfloat16, ("fp8", None))]
 
 
 @pytest.mark.parametrize("optimizer, param_dtype, pair", PLAIN_CASES,
                          ids=[f"{o}-{str(d)[6:]}-{specs.states_tag(p)}" for o, d, p in PLAIN_CASES])
-def test_plain_steps_match_reference_single_and_grouped(optimizer, param_dtype, pair, monkeypatch):
+def test_plain_steps_match_reference_single_and_grouped(optimizer, param_dtype, pair, monkeypatch,
+                                                        no_reference_fallback):
     """Small tensors go through one multi-tensor launch, a large one through its own; all bit-identical.
 
-    fp32/bf16 states run the flat plain kernels; 8-bit and factored states the step kernel's tiles (1-D
+    Both moments fp32 or both bf16 run the flat plain kernels; every other pair the step kernel's tiles (1-D
     tensors under a factored configuration keep a full fp32 v); stochastic rounding of the states from
     each tensor's seed."""
     monkeypatch.setattr(launcher, "MULTI_TENSOR_MAX_NUMEL", 2048)  # a "large" tensor the interpreter runs quickly
@@ -549,19 +577,29 @@ def test_every_spec_matches_its_kernel_signature():
         assert all(spec.signature[n].startswith("*") for n in spec.aligned)
 
 
-def test_dispatch_finds_a_spec_for_every_listed_state_pair():
-    for config in specs.format_configs():
-        for optimizer, pairs in specs.STEP_STATES.items():
-            for pair in pairs:
-                for rounding in specs.ROUNDINGS:
-                    for grad in specs.GRAD_DTYPES:
-                        for master in ((False, True) if pair in specs.MASTER_STATES else (False,)):
+def test_every_pair_of_state_formats_has_a_kernel():
+    """No state pair falls back to the reference: every (m, v) pair of ``eco.states`` formats (SGD: every m) has
+    a step spec for every weight format with kernels, both roundings, both gradient dtypes, with and without a
+    master copy, every pass; and every pair of a plain parameter a flat plain kernel or the step kernel's tiles."""
+    pairs = {"adamw": [(m, v) for m in states.MOMENTUM_FORMATS for v in states.SECOND_MOMENT_FORMATS],
+             "sgd": [(m, None) for m in states.MOMENTUM_FORMATS]}
+    for optimizer, listed in pairs.items():
+        assert set(specs.STEP_STATES[optimizer]) == set(listed)
+        for pair in listed:
+            for grad in specs.GRAD_DTYPES:
+                for config in specs.format_configs():
+                    for rounding in specs.ROUNDINGS:
+                        for master in (False, True):
                             for p in ((0, 1) if config["group_size"] is None else (1,)):
-                                for kernel in ("step",) + (("step_multi",) if pair in specs.MULTI_STATES[optimizer]
-                                                           else ()):
+                                kernels_ = ("step",) + (("step_multi",) if pair in specs.MULTI_STATES[optimizer]
+                                                        else ())
+                                for kernel in kernels_:
                                     assert specs.find_spec(kernel, optimizer=optimizer, format=config,
                                                            rounding=rounding, states=pair, grad_dtype=grad,
-                                                           master=master, pass_=p), (kernel, config, pair)
+                                                           master=master, pass_=p), (kernel, config, pair, master)
+                flat = specs.find_spec("plain", optimizer=optimizer, states=pair, grad_dtype=grad)
+                tiles = specs.find_spec("step", optimizer=optimizer, states=pair, grad_dtype=grad)
+                assert (flat is None) != (tiles is None), (optimizer, pair, grad)
     assert len({s.name for s in specs.SPECS}) == len(specs.SPECS)
 
 
