@@ -414,18 +414,20 @@ def train(optimizer_cls, fmt, backend, steps, rounding="nearest", **kwargs):
     return model, opt
 
 
-OPTIMIZER_CASES = {  # each state pair once, the two weight formats alternating
+OPTIMIZER_CASES = {  # the pairs of the README, a mixed pair with an E4M3 m; the weight formats alternating
     "adamw-bf16-int4-group32": (eco.AdamW, eco.INT4(group_size=32), dict(lr=1e-2, weight_decay=0.1,
                                                                           state_dtype=torch.bfloat16)),
     "adamw-int8-factored-fp8-row": (eco.AdamW, eco.FP8(), dict(lr=1e-2, weight_decay=0.1, momentum="int8",
                                                                second_moment="factored")),
     "sgd-bf16-fp8-row": (eco.SGD, eco.FP8(), dict(lr=0.05, momentum=0.9, state_dtype=torch.bfloat16)),
     "sgd-int8-int4-group32": (eco.SGD, eco.INT4(group_size=32), dict(lr=0.05, momentum=0.9, momentum_state="int8")),
+    "adamw-fp8-bf16-int4-tensor": (eco.AdamW, eco.INT4(), dict(lr=1e-2, weight_decay=0.1, momentum="fp8",
+                                                              second_moment="bf16")),
 }
 
 
 @pytest.mark.parametrize("case", list(OPTIMIZER_CASES))
-def test_optimizer_steps_kernel_path_equals_reference_path(case):
+def test_optimizer_steps_kernel_path_equals_reference_path(case, no_reference_fallback):
     """Three stochastic steps of eco.AdamW/eco.SGD, backend='triton' vs 'reference': the same model and state,
     bit for bit (quantized weights, a 3-D expert tensor, 1-D biases and norms)."""
     optimizer_cls, fmt, kwargs = OPTIMIZER_CASES[case]
