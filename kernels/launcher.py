@@ -336,7 +336,9 @@ def factored_tables(items: list) -> tuple:
     ``items`` are ``(shape, full_shape, grad, row, col, mean)`` of the tensors with a factored second moment
     (``full_shape``: the unsharded tensor's; a dim-0 shard's ``shape`` has fewer rows). Returns
     ``(stats table, finalize table, stream slots (per table), stats programs, finalize programs, workspace
-    sizes (gmax, row sums, column sums, totals), per-tensor workspace offsets)``.
+    sizes (gmax, row sums, column sums, totals), per-tensor workspace offsets, rows aligned)``; rows aligned:
+    every row is a multiple of 16 elements and every gradient 16 bytes times a whole number from the first
+    (the statistics kernel's ``ALIGNED`` variant).
     """
     key = _tables_key("factored", items=[(s, g, r, c, m) for s, _, g, r, c, m in items]) + (
         tuple(tuple(f) for _, f, *_ in items),)
@@ -348,11 +350,13 @@ def factored_tables(items: list) -> tuple:
     firsts = items[0][2:]
     stats_programs, final_programs, entries, layout = [], [], [], []
     sizes = [0, 0, 0, 0]
+    rows_aligned = True
     for index, (shape, full_shape, *tensors) in enumerate(items):
         lay = reference.layout(shape)
         n_mats = math.prod(shape[:-2])
         full_rows = reference.layout(full_shape).matrix_rows
         grad, row, col, mean = _stream_offsets(tensors, firsts)
+        rows_aligned &= lay.cols % 16 == 0 and (grad * tensors[0].element_size()) % 16 == 0
         offsets = tuple(sizes)
         layout.append(offsets)
         for m in range(n_mats):
@@ -382,7 +386,7 @@ def factored_tables(items: list) -> tuple:
                       for i in range(len(items))])
     n_stats = len(stats_programs) // moments.STATS_PROGRAM_WORDS.value
     n_final = len(final_programs) // moments.FINAL_PROGRAM_WORDS.value
-    return _cache_put(_FACTORED_TABLES, key, (*tables, slots, n_stats, n_final, tuple(sizes), layout))
+    return _cache_put(_FACTORED_TABLES, key, (*tables, slots, n_stats, n_final, tuple(sizes), layout, rows_aligned))
 
 
 def _f32_bits(count: int) -> int:

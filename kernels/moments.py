@@ -224,7 +224,8 @@ def fixed_point_exponent(gmax_bits):
 
 @triton.jit
 def factored_stats_kernel(grad_ptr, gmax_ptr, row_sum_ptr, col_sum_ptr, total_ptr, table_ptr,
-                          ROWS: tl.constexpr, COLS: tl.constexpr, ROW_TILES: tl.constexpr, TARGET: tl.constexpr):
+                          ROWS: tl.constexpr, COLS: tl.constexpr, ROW_TILES: tl.constexpr, ALIGNED: tl.constexpr,
+                          TARGET: tl.constexpr):
     """The exact fixed-point sums of a factored second moment, for many tensors in one launch.
 
     For every element: ``q = floor(((g * 2**-E) * (g * 2**-E)) * 2**F + u)``
@@ -235,6 +236,10 @@ def factored_stats_kernel(grad_ptr, gmax_ptr, row_sum_ptr, col_sum_ptr, total_pt
     in registers first. ``table_ptr`` (int64) holds per program ``[tensor,
     first row, first column]``, then per tensor the words ``FACT_*``
     (``grad``, ``gmax``, the sums: element offsets from the pointers).
+    ``ALIGNED``: every tensor's rows are a multiple of 16 elements and its
+    gradient starts 16 bytes after ``grad_ptr`` times a whole number (the
+    launcher checks it), so the hints below make the gradient loads 128-bit;
+    otherwise they are as wide as one element.
     """
     pid = tl.program_id(0)
     program = table_ptr + STATS_PROGRAM_WORDS * pid
@@ -248,7 +253,12 @@ def factored_stats_kernel(grad_ptr, gmax_ptr, row_sum_ptr, col_sum_ptr, total_pt
     bits = tl.load(entry + FACT_BITS).to(tl.int32)
     stride = tl.load(entry + FACT_V_STRIDE)
     base = tl.load(entry + FACT_V_BASE)
-    grad = grad_ptr + tl.load(entry + FACT_GRAD)
+    grad_offset = tl.load(entry + FACT_GRAD)
+    if ALIGNED:
+        n_cols = tl.multiple_of(n_cols, 16)
+        first_col = tl.multiple_of(first_col, COLS)
+        grad_offset = tl.multiple_of(grad_offset, 128 // grad_ptr.dtype.element_ty.primitive_bitwidth)
+    grad = grad_ptr + grad_offset
     matrix = first_row // matrix_rows  # a program's rows never straddle matrices
     exponent = fixed_point_exponent(tl.load(gmax_ptr + tl.load(entry + FACT_GMAX) + matrix))
     down = ((127 - exponent) << 23).to(tl.float32, bitcast=True)

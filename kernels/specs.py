@@ -47,7 +47,9 @@ Fields of a :class:`KernelSpec`:
     (m, v) state-format names, v None for SGD), ``grad_dtype`` (the input
     tensor's dtype for quantize; the parameter's for plain), ``out_dtype``
     (dequantize), ``master`` (fp32 master copy kept), ``pass`` (0: absmax
-    pass of row/tensor formats, 1: the storing pass).
+    pass of row/tensor formats, 1: the storing pass); ``factored_stats`` also
+    ``rows_aligned`` (rows a multiple of 16 elements: 128-bit gradient loads;
+    False: the ragged variant for other row lengths).
 
 Scalar arguments (``k0..k7``, ``inject``) carry the host scalars of
 ``eco.reference.AdamWScalars``/``SGDScalars`` as fp32, in the slots named by
@@ -318,9 +320,11 @@ def _factored_specs() -> list[KernelSpec]:
         gr = TRITON_DTYPES[grad]
         types = {"grad_ptr": f"*{gr}", "gmax_ptr": "*i32", "row_sum_ptr": "*i64", "col_sum_ptr": "*i64",
                  "total_ptr": "*i64", "table_ptr": "*i64"}
-        specs.append(_spec(f"factored_stats/grad-{gr}", moments.factored_stats_kernel, types,
-                           dict(ROWS=rows, COLS=cols, ROW_TILES=STATS_ROW_TILES), 4,
-                           dict(kernel="factored_stats", grad_dtype=grad, **common)))
+        for aligned in (True, False):  # rows a multiple of 16 elements (128-bit loads), or any length
+            specs.append(_spec(f"factored_stats/grad-{gr}" + ("" if aligned else "/ragged"),
+                               moments.factored_stats_kernel, types,
+                               dict(ROWS=rows, COLS=cols, ROW_TILES=STATS_ROW_TILES, ALIGNED=aligned), 4,
+                               dict(kernel="factored_stats", grad_dtype=grad, rows_aligned=aligned, **common)))
     types = {"gmax_ptr": "*i32", "row_sum_ptr": "*i64", "col_sum_ptr": "*i64", "total_ptr": "*i64",
              "row_ptr": "*fp32", "col_ptr": "*fp32", "mean_ptr": "*fp32", "table_ptr": "*i64", "beta2": "fp32",
              "one_minus_beta2": "fp32"}
@@ -337,23 +341,26 @@ SPECS: list[KernelSpec] = (_step_specs() + _quantize_specs() + _dequantize_specs
 _BY_KEY: dict = {}
 
 
-def _key(kernel, optimizer, format, rounding, states, grad_dtype, master, pass_, out_dtype=None):
+def _key(kernel, optimizer, format, rounding, states, grad_dtype, master, pass_, out_dtype=None, rows_aligned=None):
     fmt = None if format is None else (format["name"], format["group_size"])
-    return (kernel, optimizer, fmt, rounding, states, grad_dtype, master, pass_, out_dtype)
+    return (kernel, optimizer, fmt, rounding, states, grad_dtype, master, pass_, out_dtype, rows_aligned)
 
 
 for _s in SPECS:
     _m = _s.meta
     _k = _key(_m["kernel"], _m["optimizer"], _m["format"], _m["rounding"], _m["states"], _m.get("grad_dtype"),
-              _m["master"], _m["pass"], _m.get("out_dtype"))
+              _m["master"], _m["pass"], _m.get("out_dtype"), _m.get("rows_aligned"))
     if _k in _BY_KEY:
         raise AssertionError(f"two kernel specs for {_k}")
     _BY_KEY[_k] = _s
 
 
 def find_spec(kernel, *, optimizer=None, format=None, rounding=None, states=None, grad_dtype=None,
-              master=False, pass_=1, out_dtype=None) -> KernelSpec | None:
-    """The entry for one launch, or None when no kernel covers it (the caller falls back or raises)."""
+              master=False, pass_=1, out_dtype=None, rows_aligned=None) -> KernelSpec | None:
+    """The entry for one launch, or None when no kernel covers it (the caller falls back or raises).
+
+    ``rows_aligned``: the factored statistics' variant (see ``moments.factored_stats_kernel``)."""
     if pass_ == 0 or (format is None and kernel in ("step", "step_multi")):
         rounding = "nearest"  # the absmax pass does not round; a plain parameter has no weight rounding
-    return _BY_KEY.get(_key(kernel, optimizer, format, rounding, states, grad_dtype, master, pass_, out_dtype))
+    return _BY_KEY.get(_key(kernel, optimizer, format, rounding, states, grad_dtype, master, pass_, out_dtype,
+                            rows_aligned))

@@ -145,7 +145,7 @@ class _Factored:
         device = jobs[0].grad.device
         items = [(j.shape, j.full_shape or j.shape, j.grad, *j.v.tensors) for j in jobs]
         (self.stats_table, self.final_table, self.slots, self.n_stats, self.n_final, sizes,
-         _) = launcher.factored_tables(items)
+         _, self.rows_aligned) = launcher.factored_tables(items)
         self.gmax, self.row_sums, self.col_sums, self.totals = (
             torch.zeros(n, dtype=dtype, device=device)
             for n, dtype in zip(sizes, (torch.int32, torch.int64, torch.int64, torch.int64), strict=True))
@@ -160,7 +160,8 @@ class _Factored:
         first = self.jobs[0]
         device = first.grad.device
         keys = [launcher.stream_words(j.seed, j.offset)[4:6] for j in self.jobs]
-        spec = specs.find_spec("factored_stats", optimizer="adamw", grad_dtype=first.grad.dtype)
+        spec = specs.find_spec("factored_stats", optimizer="adamw", grad_dtype=first.grad.dtype,
+                               rows_aligned=self.rows_aligned)
         launcher.launch(spec, (self.n_stats,), grad_ptr=first.grad, gmax_ptr=self.gmax, row_sum_ptr=self.row_sums,
                         col_sum_ptr=self.col_sums, total_ptr=self.totals,
                         table_ptr=launcher.device_table(self.stats_table, self.slots[0], keys, device))

@@ -461,6 +461,37 @@ def test_auto_backend_keeps_cpu_tensors_on_the_reference():
             select("triton", cpu_param)
 
 
+@pytest.mark.parametrize("shape, variant", [((4, 128), "factored_stats/grad-bf16"),
+                                            ((2, 3, 48), "factored_stats/grad-bf16"),
+                                            ((3, 200), "factored_stats/grad-bf16/ragged")])
+def test_factored_statistics_take_the_aligned_variant_only_when_rows_align(shape, variant, monkeypatch):
+    """Rows a multiple of 16 elements: the statistics kernel with alignment hints (128-bit gradient loads when
+    compiled); any other row length: the ragged one. Bits equal to the reference either way."""
+    launched = []
+    real = launcher.launch
+    monkeypatch.setattr(launcher, "launch", lambda spec, grid, **a: (launched.append(spec.name),
+                                                                     real(spec, grid, **a)))
+    fmt = eco.FP8()
+    shape, state = make_state(fmt, shape, "adamw", None, torch.bfloat16, seed=3, states_=("int8", "factored"))
+    ref, ker = clone_state(state), clone_state(state)
+    run_step(reference, "adamw", fmt, shape, ref, 1, "stochastic", seed=9)
+    run_step(kernels, "adamw", fmt, shape, ker, 1, "stochastic", seed=9)
+    assert_states_equal(ker, ref)
+    assert [n for n in launched if n.startswith("factored_stats")] == [variant]
+
+
+def test_grouped_factored_statistics_check_every_gradient_offset():
+    """The launcher promises aligned rows for a group only if every gradient starts a whole number of 16 bytes
+    after the first: one 2 bytes off makes the group ragged."""
+    shape = torch.Size((2, 128))
+    grads = [torch.zeros(shape, dtype=torch.bfloat16) for _ in range(2)]
+    vs = [states.FACTORED_STATE.allocate(shape, "cpu") for _ in range(2)]
+    items = [(shape, shape, g, *v) for g, v in zip(grads, vs, strict=True)]
+    assert launcher.factored_tables(items)[-1] is True
+    off = torch.zeros(shape.numel() + 1, dtype=torch.bfloat16)[1:].view(shape)
+    assert launcher.factored_tables([items[0], (shape, shape, off, *vs[1])])[-1] is False
+
+
 # ---------------------------------------------------------------- overflow (issue 14, items 1 and 2)
 def overflow_pair(pair):
     return dict(state_dtype=torch.float32) if pair == "fp32" else dict(momentum="int8", second_moment="factored")
