@@ -454,6 +454,7 @@ def reusable_runs(cfg: BenchConfig) -> dict[tuple[str, int], dict]:
                          "instead")
     return {(r["arm"], r["seed"]): r for r in earlier["runs"] if format_independent(r["arm"])}
 
+
 def plan_runs(cfg: BenchConfig) -> tuple[list[tuple[str, int]], list[str]]:
     """The ``(arm, seed)`` runs to do, and a printed line for every peer arm skipped."""
     runs, notes = [], []
