@@ -289,15 +289,15 @@ def print_table(results: list[dict]) -> None:
     rows = summarize(results)
     seeds = max(r["seeds"] for r in rows)
     loss_header = "final loss" if seeds == 1 else f"final loss (mean ± sd, {seeds} seeds)"
-    width = max(24, max(len(r["arm"]) for r in rows) + 2)
-    header = (f"{'arm':<{width}}{'start loss':>11}{loss_header:>{max(11, len(loss_header) + 2)}}{'gap vs master':>15}"
+    width, loss_width = max(24, max(len(r["arm"]) for r in rows) + 2), len(loss_header) + 2
+    header = (f"{'arm':<{width}}{'start loss':>11}{loss_header:>{loss_width}}{'gap vs master':>15}"
               f"{'experts B/param':>17}{'model B/param':>15}{'time s':>8}")
     print(header)
     print("-" * len(header))
     for r in rows:
         gap = f"{100 * r['gap']:+.2f}%" if r["gap"] is not None else "n/a"
         loss = f"{r['final_loss']:.4f}" if seeds == 1 else f"{r['final_loss']:.4f} ± {r['final_loss_std']:.4f}"
-        print(f"{r['arm']:<{width}}{r['start_loss']:>11.4f}{loss:>{max(11, len(loss_header) + 2)}}{gap:>15}"
+        print(f"{r['arm']:<{width}}{r['start_loss']:>11.4f}{loss:>{loss_width}}{gap:>15}"
               f"{r['expert_bytes_per_param']:>17.3f}{r['model_bytes_per_param']:>15.3f}{r['seconds']:>8.1f}")
 
 
